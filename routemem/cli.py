@@ -1,0 +1,189 @@
+"""Command line: ``routemem train | eval | sample | corpora | bench | reproduce``.
+
+A mistake the user can fix (bad path, config typo, corrupt checkpoint) prints one line
+``routemem: error: ...`` and exits with code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from routemem.errors import TrainingDiverged, UserError
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path, or the name of a shipped config (``charlm-quick`` -> configs/charlm-quick.yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = REPO_CONFIGS / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if shipped.is_file():
+        return shipped
+    raise UserError(f"config file not found: {name}")
+
+
+def cmd_train(args) -> int:
+    from routemem.config import load_config
+    from routemem.train import RunConfig, Trainer
+
+    overrides = list(args.overrides)
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir}")
+    config = load_config(RunConfig, resolve_config_path(args.config) if args.config else None, overrides)
+    trainer = Trainer(config, args.out, resume=args.resume)
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    if trainer.dist.is_main:
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from routemem.data import load_corpus, load_splits
+    from routemem.train import evaluate, load_model
+
+    model, tokenizer, config = load_model(args.ckpt)
+    data = config.get("data", {})
+    corpus_name = args.corpus or data.get("corpus")
+    corpus = load_corpus(corpus_name, args.data_dir or data.get("data_dir"))
+    splits = load_splits(corpus, tokenizer, data.get("cache_dir"))
+    seq_len = data.get("seq_len") or model.config.max_seq_len
+    metrics = evaluate(model, splits[args.split], seq_len=seq_len, batch_size=args.batch_size,
+                       tokenizer=tokenizer, max_tokens=args.max_tokens, device=torch.device("cpu"),
+                       name=f"corpus '{corpus_name}' split '{args.split}'")
+    print(json.dumps({"ckpt": str(args.ckpt), "corpus": corpus_name, "split": args.split,
+                      "corpus_sha256": corpus.sha256, **metrics}))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from routemem.train import load_model
+
+    model, tokenizer, _ = load_model(args.ckpt)
+    ids = tokenizer.encode(args.prompt)
+    if len(ids) == 0:
+        raise UserError("--prompt is empty: give at least one character")
+    if len(ids) > model.config.max_seq_len:
+        raise UserError(f"--prompt is {len(ids)} tokens, longer than the model's max_seq_len={model.config.max_seq_len}")
+    if args.tokens < 0:
+        raise UserError(f"--tokens must be >= 0, got {args.tokens}")
+    generator = torch.Generator().manual_seed(args.seed)
+    idx = torch.as_tensor(ids.astype("int64"))[None]
+    out = model.generate(idx, args.tokens, temperature=args.temperature, top_k=args.top_k, generator=generator)
+    print(tokenizer.decode(out[0].numpy()))
+    return 0
+
+
+def cmd_corpora(args) -> int:
+    from routemem.data import list_corpora
+
+    rows = list_corpora(args.data_dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        size = f"{row['chars']:>10,} chars" if row["available"] else " " * 16
+        status = "available" if row["available"] else f"unavailable: {row.get('reason', '')}"
+        print(f"{row['name']:<12} {size}  {status}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from routemem.bench import SUITES, run_suite
+
+    if args.suite not in SUITES:
+        raise UserError(f"unknown benchmark suite '{args.suite}' (available: {', '.join(sorted(SUITES))})")
+    result = run_suite(args.suite, quick=args.quick, out=args.out)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from routemem.experiments import STUDIES
+
+    if args.study not in STUDIES:
+        known = ", ".join(sorted(STUDIES)) or "none yet"
+        raise UserError(f"unknown study '{args.study}' (available: {known})")
+    STUDIES[args.study](out=Path(args.out), quick=args.quick, data_dir=args.data_dir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="routemem", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a language model from a YAML config")
+    p.add_argument("--config", help="YAML file or shipped config name (e.g. charlm-quick)")
+    p.add_argument("--out", required=True, help="run directory (metrics.jsonl, ckpt/, final.json)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
+                   help="continue the run in --out (or from the checkpoint CKPT)")
+    p.add_argument("--data-dir", help="folder holding file corpora (default $ROUTEMEM_DATA)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score a checkpoint on a corpus split; prints one JSON object")
+    p.add_argument("--ckpt", required=True, help="run directory or its ckpt/ folder")
+    p.add_argument("--corpus", help="corpus name (default: the one it was trained on)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--data-dir")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("corpora", help="list the named corpora, their sizes and availability")
+    p.add_argument("--data-dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_corpora)
+
+    p = sub.add_parser("bench", help="run a benchmark suite; prints JSON")
+    p.add_argument("suite", help="e.g. train")
+    p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    p.add_argument("--out", help="also write the JSON here")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("reproduce", help="run a paper's experiment; writes OUT/<study>/results.json")
+    p.add_argument("study")
+    p.add_argument("--out", default="results")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_reproduce)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"routemem: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"routemem: training diverged: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("routemem: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Corpora, tokenizers and batch samplers (numpy only; no torch.nn here)."""
+
+from routemem.data.corpora import NAMED_CORPORA, Corpus, list_corpora, load_corpus, make_corpus
+from routemem.data.dataset import SPLITS, WindowSampler, eval_batches, load_splits, split_bounds
+from routemem.data.tokenizer import (
+    ByteTokenizer,
+    CharTokenizer,
+    build_tokenizer,
+    tokenizer_from_dict,
+)
+
+__all__ = [
+    "NAMED_CORPORA",
+    "SPLITS",
+    "ByteTokenizer",
+    "CharTokenizer",
+    "Corpus",
+    "WindowSampler",
+    "build_tokenizer",
+    "eval_batches",
+    "list_corpora",
+    "load_corpus",
+    "load_splits",
+    "make_corpus",
+    "split_bounds",
+    "tokenizer_from_dict",
+]

@@ -1,0 +1,48 @@
+"""Run logging: one JSON object per line in ``metrics.jsonl``, optionally TensorBoard too."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from routemem.errors import ConfigError
+
+
+class MetricsLogger:
+    """Appends records to ``run_dir/metrics.jsonl``; a no-op on ranks other than 0."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = False):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)") from None
+            self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records a crashed run wrote after its last checkpoint."""
+        if not (self.enabled and self.path.exists()):
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            prefix = record.get("kind", "train")
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "kind"):
+                    self.tb.add_scalar(f"{prefix}/{key}", value, record.get("step", 0))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,248 @@
+"""The training loop: data -> model -> AdamW, with evals, checkpoints, logs and DDP.
+
+One ``Trainer`` is one run directory:
+    OUT/config.yaml      the resolved run config
+    OUT/metrics.jsonl    one JSON object per log / eval record
+    OUT/ckpt/            the latest checkpoint (see checkpoint.py)
+    OUT/final.json       val and test metrics at the end
+Batches are a pure function of (seed, step), so resuming at step s sees exactly the windows a
+straight run would: with the optimizer and RNG state restored, 30 + resume + 30 steps equal 60.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+from routemem.config import from_dict, to_dict
+from routemem.data import WindowSampler, build_tokenizer, load_corpus, load_splits, tokenizer_from_dict
+from routemem.errors import CheckpointError, TrainingDiverged, UserError
+from routemem.models import LMConfig, TransformerLM
+from routemem.train import checkpoint as ckpt_io
+from routemem.train import distributed as dist_utils
+from routemem.train.config import RunConfig
+from routemem.train.evaluate import autocast_context, evaluate
+from routemem.train.logger import MetricsLogger
+from routemem.train.optim import lr_at, make_optimizer
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:  # CPUs with AVX512-BF16 / AMX run bf16 matmuls natively; elsewhere autocast is slower
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            found = _first_difference(va, vb, f"{prefix}{key}.")
+            if found:
+                return found
+        elif va != vb:
+            return f"{prefix}{key}: checkpoint has {va!r}, config has {vb!r}"
+    return None
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, out_dir: str | Path, resume: str | Path | None = None):
+        self.cfg = config
+        self.out_dir = Path(out_dir)
+        tcfg = config.train
+        if tcfg.threads:
+            torch.set_num_threads(tcfg.threads)
+        self.device = dist_utils.pick_device(tcfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.dist = dist_utils.setup(self.device)
+        self.bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and bf16_supported(self.device))
+        per_step = self.dist.world_size * tcfg.grad_accum
+        if tcfg.batch_size % per_step:
+            raise UserError(f"train.batch_size={tcfg.batch_size} is not divisible by "
+                            f"world_size * grad_accum = {per_step}")
+
+        checkpoint = self._find_checkpoint(resume)
+        self.corpus = load_corpus(config.data.corpus, config.data.data_dir)
+        if checkpoint is not None:
+            self.tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
+        else:
+            self.tokenizer = build_tokenizer(config.data.tokenizer, self.corpus.text)
+        self.splits = load_splits(self.corpus, self.tokenizer, config.data.cache_dir)
+        self.sampler = WindowSampler(self.splits["train"], config.seq_len, tcfg.seed,
+                                     name=f"corpus '{config.data.corpus}' split 'train'")
+
+        # The vocabulary comes from the tokenizer, whatever the YAML said.
+        self.model_config = dataclasses.replace(config.model, vocab_size=self.tokenizer.vocab_size)
+        self.cfg = dataclasses.replace(config, model=self.model_config)
+        torch.manual_seed(tcfg.seed)
+        self.model = TransformerLM(self.model_config).to(self.device)
+        self.optimizer = make_optimizer(self.model, tcfg)
+        self.step, self.tokens_seen = 0, 0
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.ddp_model = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                          if self.dist.enabled else self.model)
+        self.logger = MetricsLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=tcfg.tensorboard)
+        if checkpoint is not None:
+            self.logger.truncate_after(self.step)
+        if self.dist.is_main:
+            write_text_atomic(self.out_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+
+    # -- set-up helpers -------------------------------------------------------------------------
+    def _find_checkpoint(self, resume) -> dict | None:
+        own = self.out_dir / ckpt_io.CKPT_DIRNAME
+        if resume is None:
+            if own.exists() or (self.out_dir / "metrics.jsonl").exists():
+                raise UserError(f"{self.out_dir} already holds a run; pass --resume to continue it "
+                                f"or choose another --out")
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            return None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        return ckpt_io.read_checkpoint(own if resume is True else resume)
+
+    def _restore(self, checkpoint: dict) -> None:
+        saved = checkpoint["config"].get("model", {})
+        diff = _first_difference(saved, to_dict(self.model_config))
+        if diff is not None:
+            raise CheckpointError(f"cannot resume from {checkpoint['dir']}: another architecture (model.{diff})")
+        ckpt_io.load_model_weights(self.model, checkpoint)
+        ckpt_io.load_training_state(self.optimizer, checkpoint)
+        self.step = int(checkpoint["state"]["step"])
+        self.tokens_seen = int(checkpoint["state"]["tokens_seen"])
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            ckpt_io.save_checkpoint(
+                self.out_dir, model=self.model, optimizer=self.optimizer, config=to_dict(self.cfg),
+                tokenizer=self.tokenizer.to_dict(), step=self.step, tokens_seen=self.tokens_seen,
+                extra={"corpus_sha256": self.corpus.sha256},
+            )
+        if self.dist.enabled:
+            torch.distributed.barrier()
+
+    # -- the loop -------------------------------------------------------------------------------
+    def train_step(self) -> float:
+        """One optimizer step (all micro-steps); returns the mean loss over the global batch."""
+        tcfg = self.cfg.train
+        lr = lr_at(self.step, tcfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(tcfg.grad_accum):
+            x, y = self.sampler.get_batch(self.step, tcfg.batch_size, rank=self.dist.rank,
+                                          world_size=self.dist.world_size, micro=micro, n_micro=tcfg.grad_accum)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            last = micro == tcfg.grad_accum - 1
+            sync = self.ddp_model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
+            with sync:
+                with autocast_context(self.device, self.bf16):
+                    _, loss = self.ddp_model(x, y)
+                (loss / tcfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        mean_loss = dist_utils.all_reduce_mean(loss_sum / tcfg.grad_accum, self.dist).item()
+        if not math.isfinite(mean_loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(
+                f"loss is {mean_loss} at step {self.step}; stopped. The last good checkpoint is kept in "
+                f"{self.out_dir / ckpt_io.CKPT_DIRNAME}" + ("" if (self.out_dir / "ckpt").exists() else " (none written yet)")
+            )
+        if tcfg.grad_clip > 0:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
+        else:
+            self.grad_norm = None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += tcfg.batch_size * self.cfg.seq_len
+        self.lr = lr
+        return mean_loss
+
+    def evaluate(self, split: str, max_tokens: int | None = None) -> dict:
+        return evaluate(self.model, self.splits[split], seq_len=self.cfg.seq_len,
+                        batch_size=max(1, self.cfg.train.batch_size // self.cfg.train.grad_accum),
+                        tokenizer=self.tokenizer, max_tokens=max_tokens, device=self.device,
+                        bf16=self.bf16, name=f"corpus '{self.cfg.data.corpus}' split '{split}'")
+
+    def _log_eval(self, split: str, max_tokens: int | None) -> dict:
+        metrics = self.evaluate(split, max_tokens)
+        self.logger.log({"kind": split, "step": self.step, "tokens": self.tokens_seen, **metrics})
+        return metrics
+
+    def fit(self) -> dict:
+        """Train to ``max_steps`` (or ``stop_at``), evaluating and checkpointing on the way."""
+        tcfg = self.cfg.train
+        end = min(tcfg.max_steps, tcfg.stop_at) if tcfg.stop_at else tcfg.max_steps
+        progress = None
+        if tcfg.progress and self.dist.is_main:
+            from tqdm import tqdm
+
+            progress = tqdm(total=end, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        self.model.train()
+        window_start, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+        try:
+            while self.step < end:
+                loss = self.train_step()
+                window_tokens += tcfg.batch_size * self.cfg.seq_len
+                window_loss += loss
+                window_steps += 1
+                if progress is not None:
+                    progress.update(1)
+                if self.step % tcfg.log_interval == 0 or self.step == end:
+                    elapsed = time.perf_counter() - window_start
+                    record = {"kind": "train", "step": self.step, "tokens": self.tokens_seen,
+                              "loss": window_loss / window_steps, "lr": self.lr,
+                              "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                    if self.grad_norm is not None:
+                        record["grad_norm"] = float(self.grad_norm)
+                    record.update(self.model.layer_metrics())
+                    self.logger.log(record)
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    window_start, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+                if self.step % tcfg.eval_interval == 0 or self.step == end:
+                    self._log_eval("val", tcfg.eval_tokens or None)
+                    self.save()
+        finally:
+            if progress is not None:
+                progress.close()
+        result = {"step": self.step, "tokens": self.tokens_seen}
+        if self.step >= tcfg.max_steps:
+            result["val"] = self._log_eval("val", None)
+            result["test"] = self._log_eval("test", None)
+            if self.dist.is_main:
+                write_text_atomic(self.out_dir / "final.json", json.dumps(
+                    {**result, "corpus": self.corpus.name, "corpus_sha256": self.corpus.sha256,
+                     "num_params": self.model.num_params(),
+                     "num_params_non_embedding": self.model.num_params(include_embeddings=False)}, indent=2))
+        return result
+
+    def close(self) -> None:
+        self.logger.close()
+        dist_utils.teardown(self.dist)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer, run config dict) from a run directory or its ``ckpt/``."""
+    checkpoint = ckpt_io.read_checkpoint(path)
+    model_config = from_dict(LMConfig, checkpoint["config"].get("model", {}), prefix="model.")
+    model = TransformerLM(model_config)
+    ckpt_io.load_model_weights(model, checkpoint)
+    return model.to(device).eval(), tokenizer_from_dict(checkpoint["tokenizer"]), checkpoint["config"]
