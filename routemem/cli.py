@@ -35,7 +35,7 @@ def cmd_train(args) -> int:
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
     config = load_config(RunConfig, resolve_config_path(args.config) if args.config else None, overrides)
-    trainer = Trainer(config, args.out, resume=args.resume)
+    trainer = Trainer(config, args.out, resume=args.resume_from or (True if args.resume else None))
     try:
         result = trainer.fit()
     finally:
@@ -126,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a language model from a YAML config")
     p.add_argument("--config", help="YAML file or shipped config name (e.g. charlm-quick)")
     p.add_argument("--out", required=True, help="run directory (metrics.jsonl, ckpt/, final.json)")
-    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
-                   help="continue the run in --out (or from the checkpoint CKPT)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--resume-from", metavar="CKPT", help="continue from another run's checkpoint, into --out")
     p.add_argument("--data-dir", help="folder holding file corpora (default $ROUTEMEM_DATA)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.set_defaults(func=cmd_train)

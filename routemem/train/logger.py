@@ -8,6 +8,15 @@ from pathlib import Path
 from routemem.errors import ConfigError
 
 
+def require_tensorboard():
+    """TensorBoard's SummaryWriter, or a ConfigError if the optional package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter
+
+
 class MetricsLogger:
     """Appends records to ``run_dir/metrics.jsonl``; a no-op on ranks other than 0."""
 
@@ -16,11 +25,7 @@ class MetricsLogger:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
         if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)") from None
-            self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            self.tb = require_tensorboard()(str(Path(run_dir) / "tb"))
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records a crashed run wrote after its last checkpoint."""

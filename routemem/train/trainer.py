@@ -26,13 +26,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from routemem.config import from_dict, to_dict
 from routemem.data import WindowSampler, build_tokenizer, load_corpus, load_splits, tokenizer_from_dict
-from routemem.errors import CheckpointError, TrainingDiverged, UserError
+from routemem.errors import CheckpointError, DataError, TrainingDiverged, UserError
 from routemem.models import LMConfig, TransformerLM
 from routemem.train import checkpoint as ckpt_io
 from routemem.train import distributed as dist_utils
 from routemem.train.config import RunConfig
 from routemem.train.evaluate import autocast_context, evaluate
-from routemem.train.logger import MetricsLogger
+from routemem.train.logger import MetricsLogger, require_tensorboard
 from routemem.train.optim import lr_at, make_optimizer
 
 
@@ -86,6 +86,10 @@ class Trainer:
         else:
             self.tokenizer = build_tokenizer(config.data.tokenizer, self.corpus.text)
         self.splits = load_splits(self.corpus, self.tokenizer, config.data.cache_dir)
+        for split in ("val", "test"):
+            if len(self.splits[split]) < 2:
+                raise DataError(f"corpus '{config.data.corpus}' is too short: its {split} split has "
+                                f"{len(self.splits[split])} tokens (the split is 90/5/5)")
         self.sampler = WindowSampler(self.splits["train"], config.seq_len, tcfg.seed,
                                      name=f"corpus '{config.data.corpus}' split 'train'")
 
@@ -100,11 +104,14 @@ class Trainer:
             self._restore(checkpoint)
         self.ddp_model = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                           if self.dist.enabled else self.model)
+        if tcfg.tensorboard:
+            require_tensorboard()
+        if self.dist.is_main:  # everything checked: only now does the run directory appear
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.out_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         self.logger = MetricsLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=tcfg.tensorboard)
         if checkpoint is not None:
             self.logger.truncate_after(self.step)
-        if self.dist.is_main:
-            write_text_atomic(self.out_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
 
     # -- set-up helpers -------------------------------------------------------------------------
     def _find_checkpoint(self, resume) -> dict | None:
@@ -113,9 +120,7 @@ class Trainer:
             if own.exists() or (self.out_dir / "metrics.jsonl").exists():
                 raise UserError(f"{self.out_dir} already holds a run; pass --resume to continue it "
                                 f"or choose another --out")
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             return None
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         return ckpt_io.read_checkpoint(own if resume is True else resume)
 
     def _restore(self, checkpoint: dict) -> None:
