@@ -23,6 +23,7 @@ class CausalSelfAttention(nn.Module):
             raise ConfigError(f"attention window must be >= 1, got {window}")
         self.n_head, self.head_dim = spec.n_head, spec.d_model // spec.n_head
         self.window = window
+        self.max_seq_len = spec.max_seq_len
         self.dropout = spec.dropout
         self.qkv = nn.Linear(spec.d_model, 3 * spec.d_model, bias=bias)
         self.out = nn.Linear(spec.d_model, spec.d_model, bias=bias)
@@ -83,8 +84,9 @@ class CausalSelfAttention(nn.Module):
         return 4.0 * self.n_head * self.head_dim * context
 
     def state_size(self, seq_len: int | None = None) -> int:
-        """Floats of recurrent state per sequence: the KV cache grows with the context length."""
-        length = seq_len or 0
+        """Floats of recurrent state per sequence: the KV cache grows with the context length
+        (``max_seq_len`` unless given), capped by the window."""
+        length = seq_len if seq_len is not None else self.max_seq_len
         if self.window is not None:
             length = min(length, self.window)
         return 2 * self.n_head * self.head_dim * length

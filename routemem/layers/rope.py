@@ -14,7 +14,10 @@ def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0, device=None)
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x1, x2) = halves of the head dim; cos/sin are [T, Dh/2] for x's positions."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    # Half-precision inputs rotate in float32 (angles at long positions need it); float32 and
+    # float64 keep their own precision, so float64 gradcheck sees an exact float64 computation.
+    work = torch.promote_types(x.dtype, torch.float32)
+    x1, x2 = x.to(work).chunk(2, dim=-1)
+    cos, sin = cos[:, None, :].to(work), sin[:, None, :].to(work)  # broadcast over heads
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.to(x.dtype)

@@ -181,7 +181,7 @@ class TransformerLM(nn.Module):
             nxt = torch.multinomial(probs, 1, generator=generator)
             out = torch.cat([out, nxt], dim=1)
             if cache["pos"] >= self.config.max_seq_len:
-                logits, cache = prefill(out[:, -(self.config.max_seq_len // 2):])
+                logits, cache = prefill(out[:, -max(1, self.config.max_seq_len // 2):])
             else:
                 logits, cache = self.step(nxt[:, 0], cache)
         return out
