@@ -145,3 +145,13 @@ def test_exit_code_through_the_real_entry_point(tmp_path):
                            "data.corpus=nonesuch"], capture_output=True, text=True, env=env)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("routemem: error:") and "Traceback" not in proc.stderr
+
+
+def test_resume_from_another_run_into_a_new_directory(trained, tmp_path, capsys):
+    more = [*TINY, "data.corpus=pydocs", "train.max_steps=5"]
+    code, out, _ = cli(capsys, "train", "--out", tmp_path / "next", "--resume-from", trained, *more)
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["step"] == 5
+    before = tree_digest(tmp_path / "next")
+    assert_user_error(cli(capsys, "train", "--out", tmp_path / "next", "--resume-from", trained, *more),
+                      "already holds a run")
+    assert tree_digest(tmp_path / "next") == before

@@ -179,24 +179,23 @@ def test_override_with_wrong_type_names_key():
 # --- YAML ----------------------------------------------------------------------------------
 
 
-def test_load_yaml_errors_name_the_path(tmp_path):
-    missing = tmp_path / "nope.yaml"
-    with pytest.raises(ConfigError, match="nope.yaml"):
-        load_yaml(missing)
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model: [1, 2\n  lr: : :\n")
-    with pytest.raises(ConfigError, match="bad.yaml"):
-        load_yaml(bad)
-    listy = tmp_path / "list.yaml"
-    listy.write_text("- 1\n- 2\n")
-    with pytest.raises(ConfigError, match="list.yaml"):
-        load_yaml(listy)
-    scalar = tmp_path / "scalar.yaml"
-    scalar.write_text("42\n")
-    with pytest.raises(ConfigError, match="scalar.yaml"):
-        load_yaml(scalar)
+@pytest.mark.parametrize("name, text", [
+    ("nope.yaml", None),  # missing
+    ("bad.yaml", "model: [1, 2\n  lr: : :\n"),  # invalid YAML
+    ("list.yaml", "- 1\n- 2\n"),  # not a mapping
+    ("scalar.yaml", "42\n"),
+])
+def test_load_yaml_errors_name_the_path(tmp_path, name, text):
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=name):
+        load_yaml(path)
+
+
+def test_load_yaml_rejects_a_directory(tmp_path):
     with pytest.raises(ConfigError):
-        load_yaml(tmp_path)  # a directory is not a config file
+        load_yaml(tmp_path)
 
 
 def test_load_yaml_and_config(tmp_path):

@@ -102,8 +102,10 @@ class Trainer:
         self.step, self.tokens_seen = 0, 0
         if checkpoint is not None:
             self._restore(checkpoint)
-        self.ddp_model = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-                          if self.dist.enabled else self.model)
+        self.ddp_model = self.model
+        if self.dist.enabled:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = DistributedDataParallel(self.model, device_ids=device_ids)
         if tcfg.tensorboard:
             require_tensorboard()
         if self.dist.is_main:  # everything checked: only now does the run directory appear
@@ -115,13 +117,15 @@ class Trainer:
 
     # -- set-up helpers -------------------------------------------------------------------------
     def _find_checkpoint(self, resume) -> dict | None:
+        """``resume``: None (a fresh run), True (continue the run in out_dir) or another run's
+        checkpoint to continue from into out_dir. A fresh start never overwrites a run."""
         own = self.out_dir / ckpt_io.CKPT_DIRNAME
-        if resume is None:
-            if own.exists() or (self.out_dir / "metrics.jsonl").exists():
-                raise UserError(f"{self.out_dir} already holds a run; pass --resume to continue it "
-                                f"or choose another --out")
-            return None
-        return ckpt_io.read_checkpoint(own if resume is True else resume)
+        if resume is True:
+            return ckpt_io.read_checkpoint(own)
+        if own.exists() or (self.out_dir / "metrics.jsonl").exists():
+            hint = "pass --resume to continue it" if resume is None else "--resume-from needs a new --out"
+            raise UserError(f"{self.out_dir} already holds a run; {hint} or choose another --out")
+        return None if resume is None else ckpt_io.read_checkpoint(resume)
 
     def _restore(self, checkpoint: dict) -> None:
         saved = checkpoint["config"].get("model", {})
@@ -167,7 +171,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
                 f"loss is {mean_loss} at step {self.step}; stopped. The last good checkpoint is kept in "
-                f"{self.out_dir / ckpt_io.CKPT_DIRNAME}" + ("" if (self.out_dir / "ckpt").exists() else " (none written yet)")
+                f"{self.out_dir / ckpt_io.CKPT_DIRNAME}"
+                + ("" if (self.out_dir / ckpt_io.CKPT_DIRNAME).exists() else " (none written yet)")
             )
         if tcfg.grad_clip > 0:
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
