@@ -162,3 +162,26 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["charlm-quick", "charlm-small"])
+def test_shipped_configs_load_and_build(name):
+    from routemem.cli import resolve_config_path
+    from routemem.config import load_config
+
+    config = load_config(RunConfig, resolve_config_path(name))
+    assert config.data.corpus == "shakespeare"
+    model = TransformerLM(config.model)
+    assert model.num_params() > 100_000
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="tensorboard"):
+            Trainer(tiny_config(tensorboard=True), tmp_path / "r")
+        assert not (tmp_path / "r").exists()
+    else:
+        run(tiny_config(tensorboard=True, max_steps=2, eval_interval=1), tmp_path / "r")
+        assert any((tmp_path / "r" / "tb").iterdir())
