@@ -8,6 +8,7 @@ checked against the field's annotation, so ``train.lr=abc`` is an error naming `
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -134,8 +135,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set each ``key.sub=value`` in a nested dict (a copy); checking happens in ``from_dict``."""
-    import copy
-
     data = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)

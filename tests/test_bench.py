@@ -23,3 +23,12 @@ def test_train_bench_reports_ratio_against_plain_loop(tmp_path, monkeypatch):
     assert min(plain["runs"]) > 0 and min(trainer["runs"]) > 0
     assert abs(result["ratio_trainer_over_plain"] - trainer["median"] / plain["median"]) < 1e-12
     assert result["pass"] == (result["overhead"] <= result["target_overhead"])
+
+
+def test_median_seconds_counts_calls_and_reports_the_median():
+    from routemem.bench.common import median_seconds
+
+    calls = []
+    result = median_seconds(lambda: calls.append(1), repeats=5, warmup=2)
+    assert len(calls) == 7 and len(result["runs_s"]) == 5
+    assert sorted(result["runs_s"])[2] == result["median_s"]

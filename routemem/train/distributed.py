@@ -59,11 +59,3 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
         value /= info.world_size
     return value
 
-
-def broadcast_object(obj, info: DistInfo):
-    """Rank 0's ``obj`` on every rank (used to agree on errors and stop decisions)."""
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

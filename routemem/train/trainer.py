@@ -100,6 +100,7 @@ class Trainer:
         self.model = TransformerLM(self.model_config).to(self.device)
         self.optimizer = make_optimizer(self.model, tcfg)
         self.step, self.tokens_seen = 0, 0
+        self.lr, self.grad_norm = tcfg.lr, None  # of the last step, for logging
         if checkpoint is not None:
             self._restore(checkpoint)
         self.ddp_model = self.model
