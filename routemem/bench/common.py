@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -14,6 +12,7 @@ from typing import Callable
 import torch
 
 import routemem
+from routemem.fileio import write_text_atomic
 
 
 def machine_header() -> dict:
@@ -47,7 +46,4 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> d
 def write_json(path: str | Path, obj: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2))

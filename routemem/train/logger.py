@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from routemem.errors import ConfigError
+from routemem.fileio import write_text_atomic
 
 
 def require_tensorboard():
@@ -33,9 +34,7 @@ class MetricsLogger:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
         if not self.enabled:

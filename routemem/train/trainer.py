@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from routemem.config import from_dict, to_dict
 from routemem.data import WindowSampler, build_tokenizer, load_corpus, load_splits, tokenizer_from_dict
 from routemem.errors import CheckpointError, DataError, TrainingDiverged, UserError
+from routemem.fileio import write_text_atomic
 from routemem.models import LMConfig, TransformerLM
 from routemem.train import checkpoint as ckpt_io
 from routemem.train import distributed as dist_utils
@@ -43,13 +43,6 @@ def bf16_supported(device: torch.device) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
