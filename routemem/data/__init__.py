@@ -25,3 +25,7 @@ __all__ = [
     "split_bounds",
     "tokenizer_from_dict",
 ]
+
+from routemem.data.mqar import multiquery_ar, multiquery_ar_overwrite, recall_accuracy  # noqa: E402
+
+__all__ += ["multiquery_ar", "multiquery_ar_overwrite", "recall_accuracy"]

@@ -1,7 +1,18 @@
-"""One file per paper's experiment; each registers ``run(out, quick, data_dir)`` in STUDIES."""
+"""One file per paper's experiment, each with ``run(out, quick, data_dir)``. Studies import
+matplotlib and train models, so ``STUDIES`` loads a study's module only when it is run."""
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
-STUDIES: dict[str, Callable] = {}
+
+def _lazy(module: str) -> Callable:
+    def run(**kwargs):
+        return importlib.import_module(f"routemem.experiments.{module}").run(**kwargs)
+
+    run.__name__ = f"run_{module}"
+    return run
+
+
+STUDIES: dict[str, Callable] = {"palimpsa": _lazy("palimpsa")}

@@ -1,0 +1,135 @@
+"""Palimpsa's op: ``metaplastic_attention`` chunk vs its reference loop, against scalar-decay GLA
+(chunk) and softmax attention (SDPA) at the same shapes; time and memory held for backward.
+
+Targets (issue 3): at T=1024 fwd+bwd the chunk form is >= 10x faster than the reference, and
+within 3x of GLA's chunk form. Memory: bytes saved for backward by autograd, with the chunk
+form's recomputing backward (default) and with plain autograd through the chunk form.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from routemem.bench.common import median_seconds
+from routemem.ops import gated_delta_rule, gated_linear_attention, metaplastic_attention
+from routemem.ops.metaplastic.chunk import metaplastic_chunk
+
+SHAPE = {"B": 2, "H": 4, "Dk": 32, "Dv": 32}
+SPEEDUP_TARGET = 10.0  # chunk over reference, fwd+bwd at T=1024
+GLA_RATIO_TARGET = 3.0  # palimpsa chunk time / gla chunk time, fwd+bwd at T=1024
+
+
+def make_inputs(T: int, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Inputs as the palimpsa layer makes them: unit-norm q, k; beta in (0, 1); decays near 1."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, Dk, Dv = SHAPE["B"], SHAPE["H"], SHAPE["Dk"], SHAPE["Dv"]
+    q = F.normalize(torch.randn(B, T, H, Dk, generator=g, dtype=dtype), dim=-1)
+    k = F.normalize(torch.randn(B, T, H, Dk, generator=g, dtype=dtype), dim=-1)
+    v = torch.randn(B, T, H, Dv, generator=g, dtype=dtype)
+    beta = torch.rand(B, T, H, Dv, generator=g, dtype=dtype)
+    log_alpha = -0.1 * torch.rand(B, T, H, generator=g, dtype=dtype)
+    gate = torch.rand(B, T, H, generator=g, dtype=dtype)
+    return {"q": q, "k": k, "v": v, "beta": beta, "log_alpha": log_alpha, "gate": gate}
+
+
+def _callables(inputs: dict[str, torch.Tensor]) -> dict:
+    """name -> fn(**leaf tensors) -> output, for every variant timed."""
+    prior = torch.ones(SHAPE["H"])
+    scale = SHAPE["Dk"] ** -0.5
+    return {
+        "palimpsa_reference": lambda q, k, v, beta, log_alpha, gate: metaplastic_attention(
+            q, k, v, beta, log_alpha, mode="reference"),
+        "palimpsa_chunk": lambda q, k, v, beta, log_alpha, gate: metaplastic_attention(
+            q, k, v, beta, log_alpha, mode="chunk"),
+        "palimpsa_chunk_autograd": lambda q, k, v, beta, log_alpha, gate: metaplastic_chunk(
+            q, k, v, beta, log_alpha, prior, scale, None, False, 64, recompute=False)[0],
+        "gla_chunk": lambda q, k, v, beta, log_alpha, gate: gated_linear_attention(
+            q, k, v, log_alpha, mode="chunk"),
+        "gated_delta_chunk": lambda q, k, v, beta, log_alpha, gate: gated_delta_rule(
+            q, k, v, gate, log_alpha, mode="chunk"),
+        "sdpa_causal": lambda q, k, v, beta, log_alpha, gate: F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True),
+    }
+
+
+def saved_bytes(fn, inputs: dict[str, torch.Tensor]) -> int:
+    """Bytes of distinct storages autograd keeps for backward during one forward (what peak
+    training memory grows with), inputs excluded."""
+    leaves = {name: t.detach().requires_grad_() for name, t in inputs.items()}
+    input_ptrs = {t.untyped_storage().data_ptr() for t in leaves.values()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in input_ptrs:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(**leaves)
+    del out
+    return sum(storages.values())
+
+
+def _time(fn, inputs: dict[str, torch.Tensor], backward: bool, repeats: int) -> float:
+    leaves = {name: t.detach().requires_grad_(backward) for name, t in inputs.items()}
+    grad = None
+
+    def once():
+        nonlocal grad
+        if not backward:
+            with torch.no_grad():
+                return fn(**leaves)
+        out = fn(**leaves)
+        grad = torch.ones_like(out) if grad is None else grad
+        out.backward(grad)
+        for t in leaves.values():
+            t.grad = None
+
+    return median_seconds(once, repeats=repeats, warmup=1)["median_s"]
+
+
+def run(quick: bool = False) -> dict:
+    lengths = (256, 1024) if quick else (256, 1024, 4096)
+    repeats = 3 if quick else 5
+    rows = []
+    for T in lengths:
+        inputs = make_inputs(T)
+        for name, fn in _callables(inputs).items():
+            if name == "palimpsa_reference" and T > 1024:
+                continue  # minutes of Python loop; its trend is clear from the shorter lengths
+            reps = 1 if name == "palimpsa_reference" and T >= 1024 else repeats
+            row = {"op": name, "T": T, **SHAPE,
+                   "fwd_s": _time(fn, inputs, backward=False, repeats=reps),
+                   "fwd_bwd_s": _time(fn, inputs, backward=True, repeats=reps),
+                   "saved_for_backward_bytes": saved_bytes(fn, inputs)}
+            if torch.cuda.is_available():
+                row["cuda_peak_bytes"] = _cuda_peak(fn, inputs)
+            rows.append(row)
+    return {"shape": SHAPE, "rows": rows, **_summary(rows)}
+
+
+def _cuda_peak(fn, inputs) -> int:  # pragma: no cover - exercised only on a GPU machine
+    leaves = {n: t.detach().cuda().requires_grad_() for n, t in inputs.items()}
+    torch.cuda.reset_peak_memory_stats()
+    fn(**leaves).sum().backward()
+    return torch.cuda.max_memory_allocated()
+
+
+def _summary(rows: list[dict]) -> dict:
+    def get(op, T, key):
+        return next((r[key] for r in rows if r["op"] == op and r["T"] == T), None)
+
+    speedup = get("palimpsa_reference", 1024, "fwd_bwd_s") / get("palimpsa_chunk", 1024, "fwd_bwd_s")
+    gla_ratio = get("palimpsa_chunk", 1024, "fwd_bwd_s") / get("gla_chunk", 1024, "fwd_bwd_s")
+    memory = {T: {"recompute": get("palimpsa_chunk", T, "saved_for_backward_bytes"),
+                  "autograd": get("palimpsa_chunk_autograd", T, "saved_for_backward_bytes")}
+              for T in sorted({r["T"] for r in rows})}
+    return {
+        "speedup_chunk_over_reference_T1024_fwd_bwd": speedup,
+        "ratio_palimpsa_over_gla_T1024_fwd_bwd": gla_ratio,
+        "saved_for_backward_bytes_palimpsa_chunk": memory,
+        "targets": {"speedup_min": SPEEDUP_TARGET, "gla_ratio_max": GLA_RATIO_TARGET},
+        "pass": {"speedup": speedup >= SPEEDUP_TARGET, "gla_ratio": gla_ratio <= GLA_RATIO_TARGET},
+    }

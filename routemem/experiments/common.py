@@ -1,0 +1,78 @@
+"""What every study shares: the environment header, mean/std summaries, the verdict rule for a
+directional claim, and writing results.json / report.md atomically (DESIGN.md's results format)."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+from pathlib import Path
+
+import torch
+
+import routemem
+from routemem.fileio import write_text_atomic
+
+REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
+
+
+def env_header(device: torch.device | str = "cpu") -> dict:
+    return {"routemem": routemem.__version__, "torch": torch.__version__, "device": str(device),
+            "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def summarize(values: list[float]) -> dict:
+    """mean, sample std (0 for a single value) and n."""
+    values = [float(v) for v in values]
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values) if values else math.nan, "std": std, "n": len(values)}
+
+
+def directional_verdict(ours: dict, baseline: dict, higher_is_better: bool = True) -> tuple[str, str]:
+    """The rule for "ours beats baseline": reproduced when the means differ in the paper's direction
+    and the mean +- std intervals do not overlap; not reproduced when they differ the other way
+    without overlap; inconclusive otherwise, and always with fewer than two seeds per side."""
+    if min(ours["n"], baseline["n"]) < 2:
+        return INCONCLUSIVE, f"n={min(ours['n'], baseline['n'])} seed(s): one seed cannot separate an effect from noise"
+    sign = 1.0 if higher_is_better else -1.0
+    gap = sign * (ours["mean"] - baseline["mean"])
+    spread = ours["std"] + baseline["std"]
+    text = f"{ours['mean']:.3f}+-{ours['std']:.3f} vs {baseline['mean']:.3f}+-{baseline['std']:.3f}"
+    if gap > spread:
+        return REPRODUCED, f"{text}: in the paper's direction, intervals disjoint"
+    if -gap > spread:
+        return NOT_REPRODUCED, f"{text}: against the paper's direction, intervals disjoint"
+    return INCONCLUSIVE, f"{text}: intervals overlap"
+
+
+def combine_verdicts(verdicts: list[str]) -> str:
+    """A claim made of several comparisons holds only if all do; one contrary result refutes it."""
+    if any(v == NOT_REPRODUCED for v in verdicts):
+        return NOT_REPRODUCED
+    if verdicts and all(v == REPRODUCED for v in verdicts):
+        return REPRODUCED
+    return INCONCLUSIVE
+
+
+def write_outputs(study_dir: Path, results: dict, report: str) -> None:
+    study_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(study_dir / "results.json", json.dumps(results, indent=2, default=_jsonable))
+    write_text_atomic(study_dir / "report.md", report)
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def cell(x):
+        return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""Palimpsa (Bayesian-metaplastic gated linear attention) and GLA, its beta = 0 special case.
+
+The layer follows the official parameterisation (papers/palimpsa.md):
+
+    q, k, v = SiLU(ShortConv(W x)), q and k L2-normalised per head
+    bs      = sigmoid(W_bs x)                                     scalar input gate [B,T,H]
+    beta    = sigmoid(W_b2 W_b1 x) * softplus(b_scale) * bs       importance rate [B,T,H,Dv]
+    alpha   = exp(-softplus(W_dt x + dt_bias) * exp(A_log))       decay [B,T,H]
+    o       = metaplastic_attention(q, k, bs * v, beta, log alpha, i_prior) + D * v
+    y       = W_o GatedRMSNorm(o, W_g x)                          rmsnorm(o) * silu(W_g x)
+
+``gla`` drops the importance (no W_b1, W_b2, b_scale): o = gated_linear_attention(q, k,
+bs * v / i_prior, log alpha) + D * v, which is what palimpsa computes when beta = 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from routemem.errors import ConfigError
+from routemem.layers.recurrent_parts import (
+    GatedRMSNorm, RecurrentMixer, ShortConv, check_int, check_mode, check_positive, full_precision,
+    head_dim, init_A_log, init_dt_bias, inverse_softplus, l2norm, op_dtype,
+)
+from routemem.layers.registry import LayerSpec, register_mixer
+from routemem.ops import gated_linear_attention, metaplastic_attention
+from routemem.ops.gla import MODES as GLA_MODES
+from routemem.ops.metaplastic import MODES as METAPLASTIC_MODES
+
+
+@register_mixer("palimpsa")
+class PalimpsaMixer(RecurrentMixer):
+    """Options: ``expand_v`` (value head dim = expand_v * d_model / n_head), ``beta_rank`` (rank of
+    the importance-rate projection, palimpsa only, default 16), ``i_prior`` (prior importance),
+    ``mode``/``chunk_size`` (passed to the op), ``conv_width``."""
+
+    def __init__(self, spec: LayerSpec, expand_v: int = 1, beta_rank: int | None = None,
+                 i_prior: float = 1.0, mode: str = "chunk", chunk_size: int = 64, conv_width: int = 4,
+                 metaplastic: bool = True):
+        super().__init__()
+        name = "palimpsa" if metaplastic else "gla"
+        self.metaplastic = bool(metaplastic)
+        self.n_head, self.dk = spec.n_head, head_dim(name, spec)
+        self.dv = self.dk * check_int(name, "expand_v", expand_v)
+        self.i_prior = check_positive(name, "i_prior", i_prior)
+        self.mode = check_mode(name, mode, METAPLASTIC_MODES if metaplastic else GLA_MODES)
+        self.chunk_size = check_int(name, "chunk_size", chunk_size)
+        if metaplastic:
+            beta_rank = check_int(name, "beta_rank", 16 if beta_rank is None else beta_rank)
+        elif beta_rank is not None:
+            raise ConfigError("gla has no importance rate, so beta_rank does not apply "
+                              "(use mixer='palimpsa')")
+        D, H, dk, dv = spec.d_model, self.n_head, self.dk, self.dv
+        self.conv_channels = 2 * H * dk + H * dv
+
+        self.qkv_proj = nn.Linear(D, self.conv_channels, bias=False)
+        self.conv = ShortConv(self.conv_channels, conv_width)
+        self.bs_proj = nn.Linear(D, H, bias=False)  # scalar input gate per head
+        self.dt_proj = nn.Linear(D, H, bias=False)  # input-dependent step size of the decay
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.D = nn.Parameter(torch.empty(H))  # skip on the value, per head
+        if metaplastic:  # low-rank importance rate: evidence gathered per (head, value channel)
+            self.beta_down = nn.Linear(D, beta_rank, bias=False)
+            self.beta_up = nn.Linear(beta_rank, H * dv, bias=True)
+            self.b_scale = nn.Parameter(torch.empty(H * dv))
+        self.g_proj = nn.Linear(D, H * dv, bias=False)
+        self.norm = GatedRMSNorm(dv, norm_before_gate=True)
+        self.out_proj = nn.Linear(H * dv, D, bias=False)  # last Linear: the model's zero/scaled init finds it
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        init_A_log(self.A_log)
+        init_dt_bias(self.dt_bias)
+        self.D.fill_(1.0)
+        if self.metaplastic:
+            self.b_scale.fill_(float(inverse_softplus(1.0)))  # softplus(b_scale) = 1 at init
+
+    # -- the mixer ------------------------------------------------------------------------------
+    def _run(self, x: torch.Tensor, state: dict | None, mode: str):
+        B, T, _ = x.shape
+        H, dk, dv = self.n_head, self.dk, self.dv
+        qkv, conv_buffer = self._short_conv(self.qkv_proj(x), state)
+        bs_raw, dt_raw, gate = self.bs_proj(x), self.dt_proj(x), self.g_proj(x)  # under autocast
+        beta_raw = self.beta_up(self.beta_down(x)) if self.metaplastic else None
+        dtype = op_dtype(x.dtype)
+        with full_precision(x):
+            q, k, v = qkv.to(dtype).split([H * dk, H * dk, H * dv], dim=-1)
+            q, k = l2norm(q.reshape(B, T, H, dk)), l2norm(k.reshape(B, T, H, dk))
+            v = v.reshape(B, T, H, dv)
+            bs = torch.sigmoid(bs_raw.to(dtype))[..., None]  # [B, T, H, 1]
+            log_alpha = -F.softplus(dt_raw.to(dtype) + self.dt_bias.to(dtype)) * self.A_log.to(dtype).exp()
+            kwargs = self._op_kwargs(state, mode)
+            if self.metaplastic:
+                rate = torch.sigmoid(beta_raw.to(dtype)) * F.softplus(self.b_scale.to(dtype))
+                beta = rate.reshape(B, T, H, dv) * bs
+                if state is not None:
+                    kwargs["initial_state"] = (state["mu"].to(dtype), state["importance"].to(dtype))
+                out = metaplastic_attention(q, k, v * bs, beta, log_alpha, i_prior=self.i_prior, **kwargs)
+            else:
+                if state is not None:
+                    kwargs["initial_state"] = state["S"].to(dtype)
+                out = gated_linear_attention(q, k, v * bs / self.i_prior, log_alpha, **kwargs)
+            o, final = out if state is not None else (out, None)
+            o = o + self.D.to(dtype)[:, None] * v
+            o = self.norm(o, gate.to(dtype).reshape(B, T, H, dv))
+        y = self.out_proj(o.reshape(B, T, H * dv).to(x.dtype))
+        if state is None:
+            return y, None
+        if self.metaplastic:
+            return y, {"conv": conv_buffer, "mu": final[0], "importance": final[1]}
+        return y, {"conv": conv_buffer, "S": final}
+
+    # -- decoding and accounting ----------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
+        shape = (batch_size, self.n_head, self.dv, self.dk)
+        state = {"conv": self.conv.init_buffer(batch_size, device, dtype)}
+        if self.metaplastic:
+            state["mu"] = torch.zeros(shape, device=device, dtype=dtype)
+            state["importance"] = torch.full(shape, self.i_prior, device=device, dtype=dtype)
+        else:
+            state["S"] = torch.zeros(shape, device=device, dtype=dtype)
+        return state
+
+    def state_size(self, seq_len: int | None = None) -> int:
+        """Floats per sequence: conv buffer + the [H, Dv, Dk] state (mu and importance: two)."""
+        matrices = 2 if self.metaplastic else 1
+        return self.conv.state_size() + matrices * self.n_head * self.dv * self.dk
+
+    def extra_flops_per_token(self, seq_len: int) -> float:
+        """Conv, then per state cell: GLA decays, writes v k^T and reads out (~4 FLOPs); palimpsa
+        also updates the importance and divides by it (~10)."""
+        per_cell = 10.0 if self.metaplastic else 4.0
+        return 2.0 * self.conv.width * self.conv_channels + per_cell * self.n_head * self.dv * self.dk
+
+
+@register_mixer("gla")
+class GLAMixer(PalimpsaMixer):
+    """Scalar-decay gated linear attention: palimpsa without importance (beta = 0)."""
+
+    def __init__(self, spec: LayerSpec, expand_v: int = 1, i_prior: float = 1.0, mode: str = "chunk",
+                 chunk_size: int = 64, conv_width: int = 4):
+        super().__init__(spec, expand_v=expand_v, i_prior=i_prior, mode=mode, chunk_size=chunk_size,
+                         conv_width=conv_width, metaplastic=False)

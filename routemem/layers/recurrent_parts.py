@@ -1,0 +1,186 @@
+"""Parts shared by the recurrent mixers (palimpsa, gla, mamba2, meta_mamba2, gated_deltanet).
+
+- ``ShortConv``: the depthwise causal convolution every one of them puts before q/k/v.
+- ``GatedRMSNorm``: the per-head output norm with a SiLU gate (in either of the two orders in use).
+- ``init_dt_bias`` / ``init_A_log``: the decay-rate initialisation of Mamba2 and its descendants.
+- ``RecurrentMixer``: forward / step around one ``_run`` method, so the parallel and the
+  token-by-token paths share every line except the convolution and the op call.
+- The precision guard: the trainer runs bf16 autocast, but a recurrence multiplies and adds
+  over the whole sequence, so ops run with autocast off on inputs of at least float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from routemem.errors import ConfigError
+from routemem.layers.registry import LayerSpec
+
+
+# --- precision guard -------------------------------------------------------------------------
+
+
+def op_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the recurrence runs in: float32 for bf16/fp16/fp32 inputs, float64 stays float64
+    (so double-precision tests keep their precision)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def full_precision(x: torch.Tensor):
+    """Autocast off for the block that prepares the op inputs, runs the op and normalises."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, p=2.0, dim=-1, eps=1e-6)
+
+
+def inverse_softplus(y: torch.Tensor | float) -> torch.Tensor:
+    """x with softplus(x) = y (y > 0): y + log(1 - exp(-y)), stable for small y."""
+    y = torch.as_tensor(y, dtype=torch.float64)
+    return y + torch.log(-torch.expm1(-y))
+
+
+# --- option checks (errors a user can cause with mixer_kwargs) -------------------------------
+
+
+def check_int(owner: str, name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{owner}: {name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def check_positive(owner: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+        raise ConfigError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_mode(owner: str, mode, modes: tuple[str, ...]) -> str:
+    if mode not in modes:
+        raise ConfigError(f"{owner}: mode must be one of {modes}, got {mode!r}")
+    return mode
+
+
+def head_dim(owner: str, spec: LayerSpec) -> int:
+    if spec.d_model % spec.n_head:
+        raise ConfigError(f"{owner}: d_model={spec.d_model} is not divisible by n_head={spec.n_head}")
+    return spec.d_model // spec.n_head
+
+
+# --- initialisers ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def init_dt_bias(param: torch.Tensor, dt_min: float = 1e-3, dt_max: float = 0.1) -> torch.Tensor:
+    """dt log-uniform in [dt_min, dt_max], stored as its inverse softplus: softplus(param) = dt.
+    Slow and fast heads from the start: decay per step exp(-dt * A) spans a wide range."""
+    if not 0 < dt_min <= dt_max:
+        raise ConfigError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+    u = torch.rand(param.shape, dtype=torch.float64, device=param.device)
+    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    return param.copy_(inverse_softplus(dt).to(param.dtype))
+
+
+@torch.no_grad()
+def init_A_log(param: torch.Tensor, low: float = 1.0, high: float = 16.0) -> torch.Tensor:
+    """A ~ U(low, high), stored as log A (A = exp(A_log) stays positive whatever training does)."""
+    if not 0 < low <= high:
+        raise ConfigError(f"need 0 < low <= high for A, got low={low}, high={high}")
+    A = torch.empty(param.shape, dtype=torch.float64, device=param.device).uniform_(low, high)
+    return param.copy_(A.log().to(param.dtype))
+
+
+# --- modules ---------------------------------------------------------------------------------
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal convolution over time: [B, T, C] -> [B, T, C], output t sees inputs
+    t-width+1 .. t (left zero padding). No activation inside: callers apply SiLU."""
+
+    def __init__(self, channels: int, width: int = 4, bias: bool = False):
+        super().__init__()
+        self.channels = check_int("ShortConv", "channels", channels)
+        self.width = check_int("ShortConv", "conv_width", width)
+        self.weight = nn.Parameter(torch.empty(channels, 1, width))  # nn.Conv1d's depthwise layout
+        self.bias = nn.Parameter(torch.empty(channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.width)  # as nn.Conv1d: fan_in = width
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padded = F.pad(x.transpose(1, 2), (self.width - 1, 0))
+        return F.conv1d(padded, self.weight, self.bias, groups=self.channels).transpose(1, 2)
+
+    def init_buffer(self, batch_size: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        """The last width-1 inputs, oldest first: zeros, as the parallel form's padding."""
+        return torch.zeros(batch_size, self.width - 1, self.channels, device=device, dtype=dtype)
+
+    def step(self, x_t: torch.Tensor, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t [B, C], buffer [B, width-1, C] -> (y_t [B, C], new buffer)."""
+        window = torch.cat([buffer.to(x_t.dtype), x_t[:, None]], dim=1)  # [B, width, C]
+        y = torch.einsum("bwc,cw->bc", window, self.weight[:, 0])  # conv1d is a cross-correlation
+        if self.bias is not None:
+            y = y + self.bias
+        return y, window[:, 1:]
+
+    def state_size(self) -> int:
+        return (self.width - 1) * self.channels
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over the last dim (one head's channels; the weight is shared by the heads) with a
+    SiLU gate. ``norm_before_gate=True``: rmsnorm(y) * silu(gate) (GLA, Gated DeltaNet, Palimpsa);
+    ``False``: rmsnorm(y * silu(gate)) (Mamba2: gate first, so the gate cannot be undone by the
+    norm's rescaling). Computed in at least float32, returned in y's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, norm_before_gate: bool = True):
+        super().__init__()
+        self.eps, self.norm_before_gate = eps, norm_before_gate
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = op_dtype(y.dtype)
+        h, g = y.to(dtype), F.silu(gate.to(dtype))
+        if not self.norm_before_gate:
+            h = h * g
+        h = F.rms_norm(h, (h.shape[-1],), self.weight.to(dtype), self.eps)
+        if self.norm_before_gate:
+            h = h * g
+        return h.to(y.dtype)
+
+
+class RecurrentMixer(nn.Module):
+    """forward and step around ``_run(x [B, T, D], state | None, mode) -> (y, new state | None)``.
+
+    Subclasses set ``self.mode``, ``self.chunk_size`` and ``self.conv`` and implement ``_run`` and
+    ``init_state``. ``step`` runs ``_run`` on one token with the state (op in reference mode)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, None, self.mode)[0]
+
+    def step(self, x_t: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, dict]:
+        if state is None:
+            state = self.init_state(x_t.shape[0], x_t.device, op_dtype(x_t.dtype))
+        y, state = self._run(x_t[:, None], state, "reference")
+        return y[:, 0], state
+
+    def _short_conv(self, u: torch.Tensor, state: dict | None):
+        """The parallel convolution, or one step from the buffer in ``state``; then SiLU."""
+        if state is None:
+            return F.silu(self.conv(u)), None
+        y, buffer = self.conv.step(u[:, 0], state["conv"])
+        return F.silu(y[:, None]), buffer
+
+    def _op_kwargs(self, state: dict | None, mode: str) -> dict:
+        if state is None:
+            return {"mode": mode, "chunk_size": self.chunk_size}
+        return {"mode": mode, "chunk_size": self.chunk_size, "output_final_state": True}

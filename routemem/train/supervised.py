@@ -1,0 +1,48 @@
+"""A compact training loop for synthetic tasks whose batches are generated in memory (MQAR, the
+continual protocols): the same AdamW groups, warmup + cosine schedule, clipping and autocast as the
+``Trainer``, without corpora, checkpoints or run directories. Experiments run dozens of these."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from routemem.errors import TrainingDiverged
+from routemem.train.config import TrainConfig
+from routemem.train.evaluate import autocast_context
+from routemem.train.optim import lr_at, make_optimizer
+
+BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def fit_steps(model: torch.nn.Module, batch_at: BatchFn, cfg: TrainConfig, *, bf16: bool = False,
+              device: torch.device = torch.device("cpu"), progress: str | None = None) -> list[float]:
+    """Train for ``cfg.max_steps`` steps on ``(inputs, targets) = batch_at(step)``; returns the loss
+    of every step. ``model(inputs, targets)`` must return ``(logits, loss)``. Raises
+    ``TrainingDiverged`` on a NaN/Inf loss (an unstable learning rate in a sweep, say)."""
+    optimizer = make_optimizer(model, cfg)
+    model.train()
+    losses = []
+    steps = range(cfg.max_steps)
+    bar = tqdm(steps, desc=progress, leave=False, disable=progress is None, mininterval=2.0)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        inputs, targets = batch_at(step)
+        with autocast_context(device, bf16):
+            _, loss = model(inputs.to(device), targets.to(device))
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"loss is {value} at step {step} (lr {cfg.lr:g})")
+        losses.append(value)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{value:.3f}")
+    return losses

@@ -1,0 +1,87 @@
+"""The Palimpsa study end to end on a tiny setting (seconds), its verdict rules, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from routemem.cli import main
+from routemem.experiments import palimpsa
+from routemem.experiments.common import (
+    INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, combine_verdicts, directional_verdict, summarize,
+)
+from routemem.experiments.palimpsa_checks import special_case_claim
+
+TINY = replace(
+    palimpsa.QUICK, d_model=16, n_head=2, vocab_size=64, train_tasks=((16, 2, 0), (16, 3, 2)),
+    steps=3, batch_size=4, lrs=(1e-3, 3e-3), seeds=(0, 1), test_grid=((16, 2), (32, 4)),
+    overwrite_test=(16, 3, 2), n_val=4, n_test=6, warmup_steps=1,
+)
+
+
+def test_directional_verdict_rule():
+    high = summarize([0.9, 0.92, 0.91])
+    low = summarize([0.5, 0.52, 0.51])
+    assert directional_verdict(high, low)[0] == REPRODUCED
+    assert directional_verdict(low, high)[0] == NOT_REPRODUCED
+    assert directional_verdict(low, high, higher_is_better=False)[0] == REPRODUCED
+    wide = summarize([0.3, 0.9])
+    assert directional_verdict(wide, low)[0] == INCONCLUSIVE
+    assert directional_verdict(summarize([0.9]), summarize([0.1]))[0] == INCONCLUSIVE  # one seed
+
+
+def test_combine_verdicts():
+    assert combine_verdicts([REPRODUCED, REPRODUCED]) == REPRODUCED
+    assert combine_verdicts([REPRODUCED, INCONCLUSIVE]) == INCONCLUSIVE
+    assert combine_verdicts([REPRODUCED, NOT_REPRODUCED]) == NOT_REPRODUCED
+
+
+def test_special_cases_reduce_on_the_ops():
+    claim = special_case_claim()
+    assert claim["verdict"] == REPRODUCED, claim["why"]
+    gaps = claim["measured"]["relative_gap_by_prior"]
+    assert gaps[0] > 1e-2  # beta > 0 really makes a difference at I_prior = 1
+
+
+def test_tiny_study_writes_results_report_and_plots(tmp_path):
+    results = palimpsa.run(out=tmp_path, quick=True, setting=TINY)
+    study = tmp_path / "palimpsa"
+    on_disk = json.loads((study / "results.json").read_text())
+    assert on_disk["study"] == "palimpsa" and on_disk["mode"] == "quick"
+    assert {"torch", "threads", "device"} <= set(on_disk["env"])
+    assert len(on_disk["runs"]) == len(TINY.mixers) * len(TINY.lrs) * len(TINY.seeds)
+    ids = [c["id"] for c in on_disk["claims"]]
+    assert ids == ["mqar_metaplastic_beats_non_metaplastic", "special_cases_reduce", "overwrite_stability_plasticity"]
+    for claim in on_disk["claims"]:
+        assert claim["verdict"] in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE) and claim["why"]
+    mqar = on_disk["claims"][0]
+    assert mqar["measured"]["palimpsa"]["n"] == len(TINY.seeds)
+    # the verdict is recomputed from the measured numbers, not stored separately
+    expected = combine_verdicts([directional_verdict(mqar["measured"][a], mqar["measured"][b])[0]
+                                 for a, b in palimpsa.PAIRS])
+    assert mqar["verdict"] == expected
+    for run in on_disk["runs"]:
+        assert 0.0 <= run["metrics"]["grid_mean"] <= 1.0 and run["state_size"] > 0
+    report = (study / "report.md").read_text()
+    assert "| palimpsa |" in report and "## Claims" in report
+    assert (study / "accuracy_vs_kv_pairs.png").stat().st_size > 1000
+    assert (study / "accuracy_vs_state_size.png").stat().st_size > 1000
+    assert results["claims"][1]["verdict"] == REPRODUCED
+
+
+def test_state_size_orders_attention_above_recurrent_at_long_lengths():
+    sizes = {}
+    for mixer in ("attention", "gla", "palimpsa"):
+        model = palimpsa.TransformerLM(palimpsa.model_config(TINY, mixer))
+        sizes[mixer] = {L: sum(b.mixer.state_size(L) for b in model.blocks) for L in (16, 64)}
+    assert sizes["attention"][64] == 4 * sizes["attention"][16]  # KV cache grows with length
+    assert sizes["gla"][16] == sizes["gla"][64] and sizes["palimpsa"][16] == sizes["palimpsa"][64]
+    assert sizes["palimpsa"][16] > sizes["gla"][16]  # mu and importance
+
+
+def test_cli_reproduce_palimpsa_quick(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(palimpsa, "QUICK", replace(TINY, mixers=("attention", "gla"), lrs=(1e-3,), seeds=(0,)))
+    assert main(["reproduce", "palimpsa", "--quick", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "palimpsa" / "results.json").exists()
