@@ -31,17 +31,19 @@ import torch
 import torch.nn.functional as F
 
 
-def to_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """[B, T, H, *D] -> [N, B, H, chunk, *D] (contiguous, chunk index first so that one chunk is
-    one contiguous slice), zero-padding T up to N * chunk. A padded step has k = v = beta = 0 and
-    log_alpha = 0 (alpha = 1), so it leaves both states unchanged."""
+def to_chunks(x: torch.Tensor, chunk: int, copy: bool = True) -> torch.Tensor:
+    """[B, T, H, *D] -> [N, B, H, chunk, *D] (chunk index first so that one chunk is one
+    contiguous slice; ``copy=False`` returns a strided view where no padding is needed),
+    zero-padding T up to N * chunk. A padded step has k = v = beta = 0 and log_alpha = 0
+    (alpha = 1), so it leaves both states unchanged."""
     B, T, H = x.shape[:3]
     rest = x.shape[3:]
     pad = -T % chunk
     if pad:
         x = F.pad(x, (0, 0) * len(rest) + (0, 0, 0, pad))  # pads dim 1 (time)
     x = x.reshape(B, (T + pad) // chunk, chunk, H, *rest)  # [B, N, C, H, *D]
-    return x.permute(1, 0, 3, 2, *range(4, x.dim())).contiguous()
+    x = x.permute(1, 0, 3, 2, *range(4, x.dim()))
+    return x.contiguous() if copy else x
 
 
 def from_chunks(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -78,11 +80,12 @@ def metaplastic_chunk(q, k, v, beta, log_alpha, i_prior, scale, initial_state, w
     Dv = v.shape[-1]
     if T == 0:
         empty = v.new_zeros(B, 0, H, Dv)
-        state = initial_state or (q.new_zeros(B, H, Dv, Dk), i_prior.view(1, H, 1, 1).expand(B, H, Dv, Dk))
+        state = initial_state or (q.new_zeros(B, H, Dv, Dk),
+                                  i_prior.view(1, H, 1, 1).expand(B, H, Dv, Dk))
         return empty, (empty if with_uncertainty else None), tuple(state)
     M0, J0 = linear_state(initial_state, i_prior, q, (B, H, Dv, Dk))
     if recompute:
-        from routemem.ops.metaplastic.recompute import MetaplasticChunkFn
+        from routemem.ops.metaplastic.recompute import MetaplasticChunkFn  # it imports helpers here
         o, unc, M, J = MetaplasticChunkFn.apply(q, k, v, beta, log_alpha, i_prior, M0, J0, scale,
                                                 with_uncertainty, chunk_size)
     else:
@@ -106,13 +109,16 @@ def _chunk_autograd(q, k, v, beta, log_alpha, prior, M0, J0, scale, with_uncerta
     local_m = torch.einsum("nbhts,nbhsvk->nbhtvk", decay, writes_m)
     local_j = torch.einsum("nbhts,nbhsvk->nbhtvk", decay, writes_j)
     chunk_decay = g[..., -1].exp()[..., None, None]  # [N, B, H, 1, 1]
+    # Each chunk's own writes summed at its end, sliced once: indexing the big per-step tensors
+    # inside the loop would make autograd build a full-size zero gradient per chunk.
+    ends_m, ends_j = local_m[:, :, :, -1], local_j[:, :, :, -1]  # [N, B, H, Dv, Dk]
     starts_m, starts_j = [], []  # the states each chunk starts from
     M, J = M0, J0
     for n in range(g.shape[0]):
         starts_m.append(M)
         starts_j.append(J)
-        M = chunk_decay[n] * M + local_m[n, :, :, -1]
-        J = chunk_decay[n] * J + local_j[n, :, :, -1]
+        M = chunk_decay[n] * M + ends_m[n]
+        J = chunk_decay[n] * J + ends_j[n]
     into = g.exp()[..., None, None]  # [N, B, H, C, 1, 1]: decay from the chunk start to step t
     M_steps = local_m + into * torch.stack(starts_m)[:, :, :, None]
     I_steps = local_j + into * torch.stack(starts_j)[:, :, :, None] + prior.view(1, 1, -1, 1, 1, 1)

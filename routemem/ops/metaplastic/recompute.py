@@ -8,8 +8,9 @@ A chunk of L steps is ns sub-chunks of c steps. The sub-chunk start states come 
 [ns+1, ns] decay matrix over the sub-chunks' own decayed sums E_j = sum_s w_s v_s k_s^T (plus the
 chunk start); then every step's M (and I) is one [c, c+2] matrix times [the sub-chunk's c writes;
 its start state; the prior]: ~c + 2 multiply-adds per state entry instead of L for a flat
-[L, L] decay matrix. All large temporaries are buffers reused across chunks: on CPU, fresh
-multi-megabyte tensors cost page faults that take longer than the arithmetic.
+[L, L] decay matrix. Large temporaries are buffers written in place (``out=``) and reused from
+chunk to chunk. The cost is memory traffic: ~10 passes over the per-step states forward and ~25
+backward (recompute included), against a handful of small products for plain linear attention.
 
 Backward per step (R = M / I = mu, q pre-scaled):
     dM = (do q^T) / I,   dJ = -dM * R  [- (du (q^2)^T) / I^2],   dq = R^T do [+ 2 q (1/I)^T du].
@@ -39,69 +40,61 @@ def _sub_chunk(L: int) -> int:
 
 
 class _Chunks:
-    """Inputs split into [N, B, H, ns, (2,) c, D] for all chunks, the decay matrices, and reused
-    buffers; ``states(n, start)`` builds chunk n's per-step [M; I] into ``self.MI``.
-    The "2" axis holds the two recurrences side by side: M (v k^T) first, J (beta (k^2)^T) second."""
+    """Everything one pass over the chunks needs: inputs split into [N, (2,) B, H, ns, c, D],
+    the decay matrices of every chunk, and buffers reused from chunk to chunk. ``states(n, start)``
+    builds chunk n's per-step states into ``self.MI``.
+
+    The two recurrences are stacked on a leading axis of size 2 (M: writes v k^T; J: writes
+    beta (k^2)^T), outermost so that every slice is a uniformly strided batch of matrices
+    (``torch.matmul`` copies operands whose batch strides are not)."""
 
     def __init__(self, q, k, v, beta, log_alpha, prior, scale, L, backward=False):
         B, _, H, Dk = q.shape
         Dv = v.shape[-1]
         self.c = c = _sub_chunk(L)
         self.ns = ns = L // c
-        self.split = lambda x: to_chunks(x, L).unflatten(3, (ns, c))  # noqa: E731 [N,B,H,ns,c,..]
-        self.qs = self.split(q) * scale  # scale folded into q: o = R qs, uncertainty = (1/I) qs^2
-        k, v, beta = self.split(k), self.split(v), self.split(beta)
-        self.N = N = self.qs.shape[0]
-        self.kk = torch.stack([k, k * k], 4)  # [N, B, H, ns, 2, c, Dk]
-        self.vb = torch.stack([v, beta], 4)  # [N, B, H, ns, 2, c, Dv]
+        self.split = lambda x, copy=True: to_chunks(x, L, copy).unflatten(3, (ns, c))  # noqa: E731
+        self.N = N = -(-q.shape[1] // L)
+        self.qs = torch.mul(self.split(q, False), scale)  # [N, B, H, ns, c, Dk]; o = mu qs
+        self.kk = q.new_empty(N, 2, B, H, ns, c, Dk)  # (k, k^2)
+        self.kk[:, 0] = self.split(k, False)
+        torch.mul(self.kk[:, 0], self.kk[:, 0], out=self.kk[:, 1])
+        self.vb = q.new_empty(N, 2, B, H, ns, c, Dv)  # (v, beta)
+        self.vb[:, 0], self.vb[:, 1] = self.split(v, False), self.split(beta, False)
         gs = self.split(log_alpha).cumsum(-1)  # [N, B, H, ns, c]: log decay since sub-chunk start
         self.A = causal_decay(gs)  # [N, B, H, ns, c, c]: step s -> step t
         self.into = gs.exp()  # [N, B, H, ns, c]: sub-chunk start -> step t
         self.w = (gs[..., -1:] - gs).exp()  # [N, B, H, ns, c]: step s -> sub-chunk end
-        # E_j = (w [v, beta])^T [k, k^2]: each sub-chunk's own writes, summed at its end.
-        self.wvb_t = (self.vb * self.w[:, :, :, :, None, :, None]).transpose(-1, -2).contiguous()
+        # E_j = [v, beta]^T (w [k, k^2]): each sub-chunk's own writes, summed at its end.
+        self.kk_w = self.kk * self.w[:, None, ..., None]
         gend = gs[..., -1].cumsum(-1)  # [N, B, H, ns]: chunk start -> end of sub-chunk i
         gstart = F.pad(gend, (1, 0))  # [N, B, H, ns+1]: chunk start -> start of sub-chunk j
         later = torch.ones(ns + 1, ns, dtype=torch.bool, device=q.device).triu()  # i >= j
         # start of sub-chunk j (row ns: of the next chunk) = D[j] @ E + D_start[j] * chunk start
         self.D = (gstart[..., :, None] - gend[..., None, :]).masked_fill(later, float("-inf")).exp()
         self.D_start = gstart.exp()[..., None]  # [N, B, H, ns+1, 1]
-        # [M; I]_t = [A | into | 1] @ [writes; sub-chunk start; [0; prior]].
+        # [M; I]_t = [A | into | 1] @ [the c writes; sub-chunk start; [0; prior]]. Backward adds
+        # a zero row: the slot it fills with the adjoint of E_j.
         coeff = torch.cat([self.A, self.into[..., None], torch.ones_like(self.into)[..., None]], -1)
-        # Forward keeps M and I of one step together ([.., c, 2, Dv, Dk]: mu_t q_t is one batched
-        # product); backward keeps each recurrence's steps together ([.., 2, c+1, Dv, Dk]: its
-        # contractions over (step, Dv) are plain matrix products) and adds a zero row, the slot
-        # for the adjoint of E_j.
-        self.backward = backward
-        if backward:
-            coeff = F.pad(coeff, (0, 0, 0, 1))[:, :, :, :, None]  # [N,B,H,ns,1,c+1,c+2]
-        self.coeff = coeff
-        rows = c + backward
-        self.U = q.new_empty(B, H, ns, c + 2, 2, Dv, Dk).transpose(3, 4)  # [B,H,ns,2,c+2,Dv,Dk]
-        self.MI = q.new_empty(B, H, ns, rows, 2, Dv, Dk).transpose(3, 4)  # [B,H,ns,2,rows,Dv,Dk]
-        if backward:
-            self.U = self.U.contiguous()
-            self.MI = self.MI.contiguous()
-        self.U[:, :, :, 0, c + 1] = 0
-        self.U[:, :, :, 1, c + 1] = prior.view(1, H, 1, 1, 1)
-        self.E = q.new_empty(B, H, ns, 2 * Dv * Dk)
-        self.S = q.new_empty(B, H, ns + 1, 2 * Dv * Dk)  # [sub-chunk starts; next chunk start]
+        self.coeff = F.pad(coeff, (0, 0, 0, 1)) if backward else coeff  # [N, B, H, ns, rows, c+2]
+        self.U = q.new_empty(2, B, H, ns, c + 2, Dv, Dk)
+        self.U[0, :, :, :, c + 1] = 0
+        self.U[1, :, :, :, c + 1] = prior.view(1, H, 1, 1, 1)
+        self.E = q.new_empty(2, B, H, ns, Dv * Dk)
+        self.S = q.new_empty(2, B, H, ns + 1, Dv * Dk)  # [sub-chunk starts; next chunk start]
+        self.MI = q.new_empty(2, B, H, ns, c + backward, Dv, Dk)
 
     def states(self, n: int, start: torch.Tensor) -> torch.Tensor:
-        """Fill ``self.MI`` ([B, H, ns, 2, rows, Dv, Dk]) with chunk n's per-step M and I from its
-        start state [B, H, 2 Dv Dk]; return the next chunk's start state (a view into self.S)."""
+        """Fill ``self.MI`` [2, B, H, ns, rows, Dv, Dk] with chunk n's per-step M and I from its
+        start state [2, B, H, Dv Dk] (M, J); return the next chunk's start (a view into self.S)."""
         c, ns, U = self.c, self.ns, self.U
-        torch.mul(self.vb[n, :, :, :, 0, :, :, None], self.kk[n, :, :, :, 0, :, None, :], out=U[:, :, :, 0, :c])
-        torch.mul(self.vb[n, :, :, :, 1, :, :, None], self.kk[n, :, :, :, 1, :, None, :], out=U[:, :, :, 1, :c])
-        torch.matmul(self.wvb_t[n], self.kk[n], out=self.E.view(U[:, :, :, :, 0].shape))
-        torch.matmul(self.D[n], self.E, out=self.S).addcmul_(self.D_start[n], start[:, :, None])
-        U[:, :, :, :, c] = self.S[:, :, :ns].view(U[:, :, :, :, c].shape)
-        if self.backward:  # one [rows, c+2] matrix for both recurrences, broadcast
-            torch.matmul(self.coeff[n], U.flatten(-2), out=self.MI.flatten(-2))
-        else:  # U, MI stored [.., c+2 (rows), 2, Dv, Dk]
-            U, MI = U.transpose(3, 4), self.MI.transpose(3, 4)
-            torch.matmul(self.coeff[n], U.flatten(-3), out=MI.flatten(-3))
-        return self.S[:, :, ns]
+        torch.mul(self.vb[n][..., :, None], self.kk[n][..., None, :], out=U[:, :, :, :, :c])
+        E = self.E.view(U[:, :, :, :, 0].shape)  # [2, B, H, ns, Dv, Dk]
+        torch.matmul(self.vb[n].transpose(-1, -2), self.kk_w[n], out=E)
+        torch.matmul(self.D[n], self.E, out=self.S).addcmul_(self.D_start[n], start[:, :, :, None])
+        U[:, :, :, :, c] = self.S[:, :, :, :ns].view(U[:, :, :, :, c].shape)
+        torch.matmul(self.coeff[n], U.flatten(-2), out=self.MI.flatten(-2))
+        return self.S[:, :, :, ns]
 
 
 class MetaplasticChunkFn(torch.autograd.Function):
@@ -112,25 +105,26 @@ class MetaplasticChunkFn(torch.autograd.Function):
     def forward(ctx, q, k, v, beta, log_alpha, prior, M0, J0, scale, with_uncertainty, chunk_size):
         B, T, H, Dk = q.shape
         Dv = v.shape[-1]
-        L = min(chunk_size, T)
+        L = min(chunk_size, -(-T // SUB_CHUNK) * SUB_CHUNK)  # a short sequence: one padded chunk
         ch = _Chunks(q, k, v, beta, log_alpha, prior, scale, L)
-        M, I = ch.MI[:, :, :, 0], ch.MI[:, :, :, 1]  # [B, H, ns, c, Dv, Dk]
+        M, I = ch.MI  # [B, H, ns, c, Dv, Dk]
         o = q.new_empty(ch.N, B, H, ch.ns, ch.c, 1, Dv)
         unc = torch.empty_like(o) if with_uncertainty else None
-        starts = q.new_empty(ch.N + 1, B, H, 2 * Dv * Dk)  # [M, J] at each chunk start, and the end
-        starts[0] = torch.cat([M0.flatten(-2), J0.flatten(-2)], -1)
+        starts = q.new_empty(ch.N + 1, 2, B, H, Dv * Dk)  # (M, J) at each chunk start, and the end
+        starts[0] = torch.stack([M0.flatten(-2), J0.flatten(-2)])
         for n in range(ch.N):
             starts[n + 1] = ch.states(n, starts[n])
-            R = M.div_(I)  # mu_t, in place of M
-            torch.matmul(ch.qs[n][..., None, :], R.transpose(-1, -2), out=o[n])
+            mu = M.div_(I)  # in place of M
+            torch.matmul(ch.qs[n][..., None, :], mu.transpose(-1, -2), out=o[n])
             if with_uncertainty:
-                torch.matmul((ch.qs[n] ** 2)[..., None, :], I.reciprocal_().transpose(-1, -2), out=unc[n])
+                inv = I.reciprocal_()
+                torch.matmul((ch.qs[n] ** 2)[..., None, :], inv.transpose(-1, -2), out=unc[n])
         ctx.save_for_backward(q, k, v, beta, log_alpha, prior, starts)
         ctx.scale, ctx.with_uncertainty, ctx.L = scale, with_uncertainty, L
         o = from_chunks(o.view(ch.N, B, H, L, Dv), T)
         if with_uncertainty:
             unc = from_chunks(unc.view(ch.N, B, H, L, Dv), T)
-        M_T, J_T = starts[-1].view(B, H, 2, Dv, Dk).unbind(2)
+        M_T, J_T = starts[-1].view(2, B, H, Dv, Dk)
         return o, unc, M_T, J_T
 
     @staticmethod
@@ -140,72 +134,81 @@ class MetaplasticChunkFn(torch.autograd.Function):
         Dv = v.shape[-1]
         ch = _Chunks(q, k, v, beta, log_alpha, prior, ctx.scale, ctx.L, backward=True)
         c, ns, N = ch.c, ch.ns, ch.N
-        neg_do = -ch.split(do)  # [N, B, H, ns, c, Dv]
+        neg_do = F.pad(-ch.split(do), (0, 0, 0, 1)).unbind()  # N x [B, H, ns, c+1, Dv], row c = 0
         du = ch.split(du) if ctx.with_uncertainty and du is not None else None
-        # Adjoint of the write at step t: L_t = sum_s A[s, t] G_s + w_t dE_j over rows s of G.
-        adj = torch.cat([ch.A, ch.w[..., None, :]], -2)[:, :, :, :, None]  # [N,B,H,ns,1,c+1,c]
-        into = F.pad(ch.into, (0, 1))[:, :, :, :, None, None]  # [N, B, H, ns, 1, 1, c+1]
-        # In place of [M; I] the buffer G becomes [dJ; dM] (that order), so pair with [k^2; k].
-        kk_t = ch.kk.flip(4).transpose(-1, -2)  # [N, B, H, ns, 2, Dk, c]
-        vb = ch.vb.flip(4)  # [N, B, H, ns, 2, c, Dv]: [beta; v]
-        G = ch.MI  # [B, H, ns, 2, c+1, Dv, Dk]; row c: the adjoint of E_j
-        dS_sub = q.new_empty(B, H, ns, 2, 1, Dv * Dk)
-        dE = q.new_empty(B, H, ns, 2 * Dv * Dk)
-        X = q.new_empty(B, H, ns, 2, c + 1, Dv, c)  # G_s k_t (resp. k_t^2)
-        weights = q.new_empty(B, H, ns, 2, c, c + 1, Dv)  # adj[s, t] v_t (resp. beta_t)
+        # Adjoint of the write at step t: L_t = sum_s adj[s, t] G_s over the rows s of G (row c
+        # holds the adjoint of E_j, the sub-chunk's sum).
+        adj = torch.cat([ch.A, ch.w[..., None, :]], -2)  # [N, B, H, ns, c+1, c]
+        into = F.pad(ch.into, (0, 1))[..., None, :]  # [N, B, H, ns, 1, c+1]
+        # The sub-chunk recurrence transposed: [dE_j; d chunk start] = D_adj dS_sub + D_last carry.
+        D_adj = torch.cat([ch.D[:, :, :, :ns], ch.D_start[:, :, :, :ns]], -1).mT  # [.., ns+1, ns]
+        D_last = torch.cat([ch.D[:, :, :, ns], ch.D_start[:, :, :, ns]], -1)[..., None]
+        # In place of (M, I) the buffer G becomes (dJ, -dM): pair it with (k^2, k), (beta, v).
+        # A column of ones after k^2 gives the row sums of G, i.e. sum(dJ_t).
+        kk_t = q.new_ones(N, 2, B, H, ns, Dk, c + 1)
+        kk_t[:, 0, ..., :c], kk_t[:, 1, ..., :c] = ch.kk[:, 1].mT, ch.kk[:, 0].mT
+        G = ch.MI  # [2, B, H, ns, c+1, Dv, Dk]
+        dq_rows = q.new_empty(B, H, ns, c + 1, 1, Dk)
+        outer = q.new_empty(B, H, ns, c, Dv, Dk)  # -do q^T
+        dS_sub = q.new_empty(2, B, H, ns, 1, Dv * Dk)
+        dES = [q.new_empty(2, B, H, ns + 1, Dv * Dk) for _ in range(2)]  # ping-pong: the carry
+        X = q.new_empty(2, B, H, ns, c + 1, Dv, c + 1)  # G_s [k_t^2 | 1] (resp. [k_t | 1])
+        weights = q.new_empty(2, B, H, ns, c, c + 1, Dv)  # adj[s, t] beta_t (resp. v_t)
         dqs = torch.empty_like(ch.qs)
-        dvb, dkb = q.new_empty(N, B, H, ns, 2, Dv, c), q.new_empty(N, B, H, ns, 2, c, Dk)
+        dvb, dkb = q.new_empty(N, 2, B, H, ns, Dv, c), q.new_empty(N, 2, B, H, ns, c, Dk)
         dG = q.new_empty(N, B, H, ns, c)  # dL/dG_t (see the module docstring)
         dM_T = q.new_zeros(B, H, Dv, Dk) if dM_T is None else dM_T
         dJ_T = q.new_zeros(B, H, Dv, Dk) if dJ_T is None else dJ_T
-        M_T, J_T = starts[-1].view(B, H, 2, Dv, Dk).unbind(2)
+        M_T, J_T = starts[-1].view(2, B, H, Dv, Dk)
         final_dot = (dM_T * M_T + dJ_T * J_T).sum((-2, -1))  # [B, H]: <dS_T, S_T>
-        carry = torch.cat([dJ_T.flatten(-2), dM_T.flatten(-2)], -1)  # [B, H, F], [dJ, dM]
-        minus_one, prior_ = q.new_tensor(-1.0), prior.view(1, H, 1, 1)
+        carry = torch.stack([dJ_T.flatten(-2), -dM_T.flatten(-2)])  # [2, B, H, Dv Dk] like G
+        prior_ = prior.view(1, H, 1, 1)
         dprior = torch.zeros_like(prior) if ctx.needs_input_grad[5] else None
         for n in reversed(range(N)):
             ch.states(n, starts[n])
-            M, I = G[:, :, :, 0, :c], G[:, :, :, 1, :c]  # [B, H, ns, c, Dv, Dk]
-            Iinv_neg = torch.div(minus_one, I, out=I)  # -1/I
-            R_neg = M.mul_(Iinv_neg)  # -mu
-            torch.matmul(neg_do[n][..., None, :], R_neg, out=dqs[n][..., None, :])  # mu^T do
+            M, I = G[0, :, :, :, :c], G[1, :, :, :, :c]  # [B, H, ns, c, Dv, Dk]
+            mu = M.div_(I)
+            torch.matmul(neg_do[n][..., None, :], G[0], out=dq_rows)  # -mu^T do; row c of G is 0
+            dqs[n] = dq_rows[:, :, :, :c, 0]
             direct = 0  # -du . u: the uncertainty's share of <dMJ_t, [M, J]_t>
             if du is not None:
                 qs2 = ch.qs[n] ** 2
-                du_Iinv = (du[n][..., None, :] @ Iinv_neg).squeeze(-2)  # -(1/I)^T du
+                du_Iinv = (du[n][..., None, :] @ I.reciprocal()).squeeze(-2)  # (1/I)^T du
                 dqs[n] -= 2 * ch.qs[n] * du_Iinv
-                direct = (du_Iinv * qs2).sum(-1)
-                extra = Iinv_neg * du[n][..., :, None] * qs2[..., None, :] * Iinv_neg
-            dM = Iinv_neg.mul_(neg_do[n][..., :, None]).mul_(ch.qs[n][..., None, :])
-            dJ = R_neg.mul_(dM)  # -mu * dM
+                direct = -(du_Iinv * qs2).sum(-1)
+                extra = du[n][..., :, None] * qs2[..., None, :] / (I * I)
+            torch.mul(neg_do[n][..., :c, :, None], ch.qs[n][..., None, :], out=outer)
+            dJ = mu.mul_(torch.div(outer, I, out=I))  # -mu * dM, with -dM in place of I
             if du is not None:
                 dJ -= extra
-            sum_dJ = dJ.sum((-2, -1))  # [B, H, ns, c]
             # Sub-chunk start states: their direct use (row c of G is still 0), then back
             # through D to the sub-chunk sums E_j and to this chunk's start (the new carry).
             torch.matmul(into[n], G.flatten(-2), out=dS_sub)
-            dS = dS_sub.view(B, H, ns, -1)
-            torch.matmul(ch.D[n][:, :, :ns].transpose(-1, -2), dS, out=dE)
-            dE.addcmul_(ch.D[n][:, :, ns, :, None], carry[:, :, None])
-            carry = (ch.D_start[n][:, :, :ns] * dS).sum(2) + ch.D_start[n][:, :, ns] * carry
-            G[:, :, :, :, c] = dE.view(G[:, :, :, :, c].shape)
+            dE = torch.matmul(D_adj[n], dS_sub.view(2, B, H, ns, -1), out=dES[n % 2])
+            carry = dE.addcmul_(D_last[n], carry[:, :, :, None])[:, :, :, ns]
+            G[:, :, :, :, c] = dE[:, :, :, :ns].view(G[:, :, :, :, c].shape)
             # dv_t = sum_s adj[s, t] G_s k_t;  dk_t = sum_s adj[s, t] G_s^T v_t  (and J alike).
             torch.matmul(G.flatten(-3, -2), kk_t[n], out=X.flatten(-3, -2))
-            dvb[n] = X.mul_(adj[n][..., None, :]).sum(-3)
-            torch.mul(adj[n].transpose(-1, -2)[..., None], vb[n][..., None, :], out=weights)
+            sum_dJ = X[0, :, :, :, :c, :, c].sum(-1)  # [B, H, ns, c]
+            dvb[n] = X[..., :c].mul_(adj[n][..., None, :]).sum(-3)  # (dbeta, -dv)^T
+            adj_t = adj[n].mT[..., None]  # [B, H, ns, c, c+1, 1]
+            torch.mul(adj_t, ch.vb[n, 1, ..., None, :], out=weights[0])
+            torch.mul(adj_t, ch.vb[n, 0, ..., None, :], out=weights[1])
             torch.matmul(weights.flatten(-2), G.flatten(-3, -2), out=dkb[n])
-            dG[n] = direct - prior_ * sum_dJ - (vb[n] * dvb[n].transpose(-1, -2)).sum((-3, -1))
+            b_db = (ch.vb[n, 1] * dvb[n, 0].mT).sum(-1)  # beta . dbeta
+            v_dv = (ch.vb[n, 0] * dvb[n, 1].mT).sum(-1)  # -v . dv
+            dG[n] = direct - prior_ * sum_dJ - b_db + v_dv
             if dprior is not None:  # I_t = J_t + prior at every step
                 dprior += sum_dJ.sum((0, 2, 3))
 
-        dk = dkb[:, :, :, :, 1] + 2 * ch.kk[:, :, :, :, 0] * dkb[:, :, :, :, 0]
-        dvb = dvb.transpose(-1, -2)  # [N, B, H, ns, 2, c, Dv]
+        dk = 2 * ch.kk[:, 0] * dkb[:, 0] - dkb[:, 1]
+        dbeta, dv = dvb.mT.unbind(1)  # [N, B, H, ns, c, Dv]; dv negated
         dG = dG.flatten(-2)  # [N, B, H, L]
         dG[-1, :, :, -1] += final_dot
         flat = lambda x: from_chunks(x.flatten(3, 4), T)  # noqa: E731 [N,B,H,ns,c,..] -> [B,T,H,..]
-        dJ0, dM0 = carry.view(B, H, 2, Dv, Dk).unbind(2)
-        return (flat(dqs) * ctx.scale, flat(dk), flat(dvb[:, :, :, :, 1]), flat(dvb[:, :, :, :, 0]),
-                _reverse_cumsum(dG, T), dprior, dM0, dJ0, None, None, None)
+        dJ0, dM0 = carry.view(2, B, H, Dv, Dk)
+        return (flat(dqs) * -ctx.scale, flat(dk), -flat(dv), flat(dbeta), _reverse_cumsum(dG, T),
+                dprior, -dM0, dJ0, None, None, None)
 
 
 def _reverse_cumsum(dG: torch.Tensor, T: int) -> torch.Tensor:
