@@ -60,11 +60,17 @@ def report(results: dict, setting, chosen: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def _std(values: np.ndarray):
+    """Sample std over seeds (axis 0), as in the report's tables; 0 for a single seed."""
+    return values.std(0, ddof=1) if len(values) > 1 else np.zeros_like(values[0])
+
+
 def plots(study_dir: Path, setting, chosen: dict[str, list[dict]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     lengths = sorted({s for s, _ in setting.test_grid})
     fig, axes = plt.subplots(1, len(lengths), figsize=(4 * len(lengths), 3.4), sharey=True, squeeze=False)
@@ -74,9 +80,10 @@ def plots(study_dir: Path, setting, chosen: dict[str, list[dict]]) -> None:
             if not runs:
                 continue
             acc = np.array([[r["metrics"][f"acc_L{seq_len}_kv{p}"] for p in pairs] for r in runs])
-            ax.errorbar(pairs, acc.mean(0), yerr=acc.std(0), marker="o", capsize=3, label=mixer)
+            ax.errorbar(pairs, acc.mean(0), yerr=_std(acc), marker="o", capsize=3, label=mixer)
         ax.set(title=f"seq_len {seq_len}", xlabel="kv pairs", xscale="log", ylim=(-0.02, 1.02))
         ax.set_xticks(pairs, [str(p) for p in pairs])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     axes[0][0].set_ylabel("recall accuracy")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
@@ -88,7 +95,8 @@ def plots(study_dir: Path, setting, chosen: dict[str, list[dict]]) -> None:
     for mixer, runs in chosen.items():
         if runs:
             acc = [r["metrics"][hard] for r in runs]
-            ax.errorbar(runs[0]["state_size"], np.mean(acc), yerr=np.std(acc), marker="o", capsize=3, label=mixer)
+            ax.errorbar(runs[0]["state_size"], np.mean(acc), yerr=_std(np.array(acc)), marker="o", capsize=3,
+                        label=mixer)
     ax.set(xscale="log", xlabel="recurrent state (floats per sequence)", ylabel="recall accuracy",
            title=f"MQAR seq_len {setting.hardest[0]}, {setting.hardest[1]} kv pairs", ylim=(-0.02, 1.02))
     ax.legend(fontsize=7)
