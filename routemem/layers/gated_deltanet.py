@@ -37,6 +37,8 @@ class GatedDeltaNetMixer(RecurrentMixer):
         self.chunk_size = check_int(name, "chunk_size", chunk_size)
         D, H, dk, dv = spec.d_model, self.n_head, self.dk, self.dv
         self.conv_channels = 2 * H * dk + H * dv
+        self.state_dims = (dv, dk)
+        self.flops_per_cell = 8.0  # decay, recall S k, rank-one correction, readout
 
         self.qkv_proj = nn.Linear(D, self.conv_channels, bias=False)
         self.conv = ShortConv(self.conv_channels, conv_width)
@@ -65,23 +67,8 @@ class GatedDeltaNetMixer(RecurrentMixer):
             q, k = l2norm(q.reshape(B, T, H, dk)), l2norm(k.reshape(B, T, H, dk))
             beta = torch.sigmoid(beta_raw.to(dtype))
             log_alpha = -self.A_log.to(dtype).exp() * F.softplus(a_raw.to(dtype) + self.dt_bias.to(dtype))
-            kwargs = self._op_kwargs(state, mode)
-            if state is not None:
-                kwargs["initial_state"] = state["S"].to(dtype)
-            out = gated_delta_rule(q, k, v.reshape(B, T, H, dv), beta, log_alpha, **kwargs)
-            o, final = out if state is not None else (out, None)
+            o, recurrent = self._recurrence(gated_delta_rule, q, k, v.reshape(B, T, H, dv), beta, log_alpha,
+                                            state=state, mode=mode, dtype=dtype)
             o = self.norm(o, gate.to(dtype).reshape(B, T, H, dv))
         y = self.out_proj(o.reshape(B, T, H * dv).to(x.dtype))
-        return y, (None if state is None else {"conv": conv_buffer, "S": final})
-
-    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
-        return {"conv": self.conv.init_buffer(batch_size, device, dtype),
-                "S": torch.zeros(batch_size, self.n_head, self.dv, self.dk, device=device, dtype=dtype)}
-
-    def state_size(self, seq_len: int | None = None) -> int:
-        """Floats per sequence: conv buffer + the [H, Dv, Dk] state."""
-        return self.conv.state_size() + self.n_head * self.dv * self.dk
-
-    def extra_flops_per_token(self, seq_len: int) -> float:
-        """Conv, then per state cell ~8 FLOPs: decay, recall S k, rank-one correction, readout."""
-        return 2.0 * self.conv.width * self.conv_channels + 8.0 * self.n_head * self.dv * self.dk
+        return y, (None if state is None else {"conv": conv_buffer, **recurrent})

@@ -57,6 +57,8 @@ class Mamba2Mixer(RecurrentMixer):
                               "(use mixer='meta_mamba2')")
         D = spec.d_model
         self.conv_channels = self.d_inner + 2 * N
+        self.state_dims = (P, N)
+        self.flops_per_cell = 10.0 if metaplastic else 4.0  # + importance update and division
 
         self.in_proj = nn.Linear(D, self.d_inner + self.conv_channels + H, bias=False)  # z, xBC, dt
         self.conv = ShortConv(self.conv_channels, conv_width, bias=True)
@@ -96,48 +98,17 @@ class Mamba2Mixer(RecurrentMixer):
             dt = F.softplus(dt_raw.to(dtype) + self.dt_bias.to(dtype))  # [B, T, H]
             log_alpha = -dt * self.A_log.to(dtype).exp()
             v = xs * dt[..., None]  # dt is both the step size of the decay and of the input
-            kwargs = self._op_kwargs(state, mode)
+            run = dict(state=state, mode=mode, dtype=dtype, scale=1.0)
             if self.metaplastic:
                 rate = torch.sigmoid(beta_raw.to(dtype)) * F.softplus(self.b_scale.to(dtype))
-                if state is not None:
-                    kwargs["initial_state"] = (state["mu"].to(dtype), state["importance"].to(dtype))
-                out = metaplastic_attention(Cm, Bm, v, rate.reshape(Bsz, T, H, P), log_alpha,
-                                            i_prior=self.i_prior, scale=1.0, **kwargs)
+                y, recurrent = self._recurrence(metaplastic_attention, Cm, Bm, v, rate.reshape(Bsz, T, H, P),
+                                                log_alpha, i_prior=self.i_prior, **run)
             else:
-                if state is not None:
-                    kwargs["initial_state"] = state["S"].to(dtype)
-                out = gated_linear_attention(Cm, Bm, v, log_alpha, scale=1.0, **kwargs)
-            y, final = out if state is not None else (out, None)
+                y, recurrent = self._recurrence(gated_linear_attention, Cm, Bm, v, log_alpha, **run)
             y = y + self.D.to(dtype)[:, None] * xs
             y = self.norm(y, z.to(dtype).reshape(Bsz, T, H, P))
         out = self.out_proj(y.reshape(Bsz, T, self.d_inner).to(x.dtype))
-        if state is None:
-            return out, None
-        if self.metaplastic:
-            return out, {"conv": conv_buffer, "mu": final[0], "importance": final[1]}
-        return out, {"conv": conv_buffer, "S": final}
-
-    # -- decoding and accounting ----------------------------------------------------------------
-    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
-        shape = (batch_size, self.n_head, self.head_dim, self.d_state)
-        state = {"conv": self.conv.init_buffer(batch_size, device, dtype)}
-        if self.metaplastic:
-            state["mu"] = torch.zeros(shape, device=device, dtype=dtype)
-            state["importance"] = torch.full(shape, self.i_prior, device=device, dtype=dtype)
-        else:
-            state["S"] = torch.zeros(shape, device=device, dtype=dtype)
-        return state
-
-    def state_size(self, seq_len: int | None = None) -> int:
-        """Floats per sequence: conv buffer + the [H, P, N] state (mu and importance: two)."""
-        matrices = 2 if self.metaplastic else 1
-        return self.conv.state_size() + matrices * self.n_head * self.head_dim * self.d_state
-
-    def extra_flops_per_token(self, seq_len: int) -> float:
-        """Conv, then per state cell ~4 FLOPs (decay, write, read), ~10 when metaplastic."""
-        per_cell = 10.0 if self.metaplastic else 4.0
-        return (2.0 * self.conv.width * self.conv_channels
-                + per_cell * self.n_head * self.head_dim * self.d_state)
+        return out, (None if state is None else {"conv": conv_buffer, **recurrent})
 
 
 @register_mixer("meta_mamba2")

@@ -54,6 +54,8 @@ class PalimpsaMixer(RecurrentMixer):
                               "(use mixer='palimpsa')")
         D, H, dk, dv = spec.d_model, self.n_head, self.dk, self.dv
         self.conv_channels = 2 * H * dk + H * dv
+        self.state_dims = (dv, dk)
+        self.flops_per_cell = 10.0 if metaplastic else 4.0  # + importance update and division
 
         self.qkv_proj = nn.Linear(D, self.conv_channels, bias=False)
         self.conv = ShortConv(self.conv_channels, conv_width)
@@ -93,48 +95,19 @@ class PalimpsaMixer(RecurrentMixer):
             v = v.reshape(B, T, H, dv)
             bs = torch.sigmoid(bs_raw.to(dtype))[..., None]  # [B, T, H, 1]
             log_alpha = -F.softplus(dt_raw.to(dtype) + self.dt_bias.to(dtype)) * self.A_log.to(dtype).exp()
-            kwargs = self._op_kwargs(state, mode)
+            run = dict(state=state, mode=mode, dtype=dtype)
             if self.metaplastic:
                 rate = torch.sigmoid(beta_raw.to(dtype)) * F.softplus(self.b_scale.to(dtype))
                 beta = rate.reshape(B, T, H, dv) * bs
-                if state is not None:
-                    kwargs["initial_state"] = (state["mu"].to(dtype), state["importance"].to(dtype))
-                out = metaplastic_attention(q, k, v * bs, beta, log_alpha, i_prior=self.i_prior, **kwargs)
+                o, recurrent = self._recurrence(metaplastic_attention, q, k, v * bs, beta, log_alpha,
+                                                i_prior=self.i_prior, **run)
             else:
-                if state is not None:
-                    kwargs["initial_state"] = state["S"].to(dtype)
-                out = gated_linear_attention(q, k, v * bs / self.i_prior, log_alpha, **kwargs)
-            o, final = out if state is not None else (out, None)
+                o, recurrent = self._recurrence(gated_linear_attention, q, k, v * bs / self.i_prior,
+                                                log_alpha, **run)
             o = o + self.D.to(dtype)[:, None] * v
             o = self.norm(o, gate.to(dtype).reshape(B, T, H, dv))
         y = self.out_proj(o.reshape(B, T, H * dv).to(x.dtype))
-        if state is None:
-            return y, None
-        if self.metaplastic:
-            return y, {"conv": conv_buffer, "mu": final[0], "importance": final[1]}
-        return y, {"conv": conv_buffer, "S": final}
-
-    # -- decoding and accounting ----------------------------------------------------------------
-    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
-        shape = (batch_size, self.n_head, self.dv, self.dk)
-        state = {"conv": self.conv.init_buffer(batch_size, device, dtype)}
-        if self.metaplastic:
-            state["mu"] = torch.zeros(shape, device=device, dtype=dtype)
-            state["importance"] = torch.full(shape, self.i_prior, device=device, dtype=dtype)
-        else:
-            state["S"] = torch.zeros(shape, device=device, dtype=dtype)
-        return state
-
-    def state_size(self, seq_len: int | None = None) -> int:
-        """Floats per sequence: conv buffer + the [H, Dv, Dk] state (mu and importance: two)."""
-        matrices = 2 if self.metaplastic else 1
-        return self.conv.state_size() + matrices * self.n_head * self.dv * self.dk
-
-    def extra_flops_per_token(self, seq_len: int) -> float:
-        """Conv, then per state cell: GLA decays, writes v k^T and reads out (~4 FLOPs); palimpsa
-        also updates the importance and divides by it (~10)."""
-        per_cell = 10.0 if self.metaplastic else 4.0
-        return 2.0 * self.conv.width * self.conv_channels + per_cell * self.n_head * self.dv * self.dk
+        return y, (None if state is None else {"conv": conv_buffer, **recurrent})
 
 
 @register_mixer("gla")

@@ -161,8 +161,12 @@ class GatedRMSNorm(nn.Module):
 class RecurrentMixer(nn.Module):
     """forward and step around ``_run(x [B, T, D], state | None, mode) -> (y, new state | None)``.
 
-    Subclasses set ``self.mode``, ``self.chunk_size`` and ``self.conv`` and implement ``_run`` and
-    ``init_state``. ``step`` runs ``_run`` on one token with the state (op in reference mode)."""
+    Subclasses set ``mode``, ``chunk_size``, ``conv``, ``n_head``, ``state_dims`` (the per-head
+    state's (rows, cols)), ``metaplastic`` (state is (mu, importance) rather than one matrix S;
+    then also ``i_prior``) and ``flops_per_cell``, and implement ``_run``, which calls its op
+    through ``_recurrence``. ``step`` runs ``_run`` on one token with the state (reference mode)."""
+
+    metaplastic = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, None, self.mode)[0]
@@ -184,3 +188,37 @@ class RecurrentMixer(nn.Module):
         if state is None:
             return {"mode": mode, "chunk_size": self.chunk_size}
         return {"mode": mode, "chunk_size": self.chunk_size, "output_final_state": True}
+
+    def _recurrence(self, op, *args, state: dict | None, mode: str, dtype: torch.dtype, **kwargs):
+        """``op(*args, **kwargs)`` started from ``state``'s matrices; returns (o, the new
+        recurrent part of the state, or None when there is no state)."""
+        kwargs.update(self._op_kwargs(state, mode))
+        if state is None:
+            return op(*args, **kwargs), None
+        if self.metaplastic:
+            kwargs["initial_state"] = (state["mu"].to(dtype), state["importance"].to(dtype))
+        else:
+            kwargs["initial_state"] = state["S"].to(dtype)
+        o, final = op(*args, **kwargs)
+        return o, ({"mu": final[0], "importance": final[1]} if self.metaplastic else {"S": final})
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
+        shape = (batch_size, self.n_head, *self.state_dims)
+        state = {"conv": self.conv.init_buffer(batch_size, device, dtype)}
+        if self.metaplastic:
+            state["mu"] = torch.zeros(shape, device=device, dtype=dtype)
+            state["importance"] = torch.full(shape, self.i_prior, device=device, dtype=dtype)
+        else:
+            state["S"] = torch.zeros(shape, device=device, dtype=dtype)
+        return state
+
+    def state_size(self, seq_len: int | None = None) -> int:
+        """Floats per sequence: conv buffer + the [H, rows, cols] state (mu and importance: two)."""
+        matrices = 2 if self.metaplastic else 1
+        return self.conv.state_size() + matrices * self.n_head * math.prod(self.state_dims)
+
+    def extra_flops_per_token(self, seq_len: int) -> float:
+        """The conv, then ``flops_per_cell`` per state cell (decay, write, readout; more for the
+        importance update and division, or the delta rule's recall)."""
+        return (2.0 * self.conv.width * self.conv_channels
+                + self.flops_per_cell * self.n_head * math.prod(self.state_dims))
