@@ -12,12 +12,13 @@ from routemem.layers.registry import (
 from routemem.layers.norms import RMSNorm, make_norm
 
 # Importing a layer file registers it.
-from routemem.layers import attention, ffn  # noqa: E402,F401  (registration side effect)
+from routemem.layers import apn, attention, ffn  # noqa: E402,F401  (registration side effect)
 from routemem.layers import gated_deltanet, mamba2, palimpsa  # noqa: E402,F401  (registration side effect)
+from routemem.layers.apn import AttractorPatchFFN  # noqa: E402
 from routemem.layers.attention import CausalSelfAttention  # noqa: E402
 from routemem.layers.ffn import DenseFFN, NoFFN  # noqa: E402
 
 __all__ = [
     "FFNS", "MIXERS", "LayerSpec", "build_ffn", "build_mixer", "register_ffn", "register_mixer",
-    "RMSNorm", "make_norm", "CausalSelfAttention", "DenseFFN", "NoFFN",
+    "RMSNorm", "make_norm", "AttractorPatchFFN", "CausalSelfAttention", "DenseFFN", "NoFFN",
 ]

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from routemem.layers.options import check_int, check_mode
 from routemem.layers.recurrent_parts import (
-    GatedRMSNorm, RecurrentMixer, ShortConv, check_int, check_mode, full_precision, head_dim,
-    init_A_log, init_dt_bias, l2norm, op_dtype,
+    GatedRMSNorm, RecurrentMixer, ShortConv, full_precision, head_dim, init_A_log, init_dt_bias, l2norm, op_dtype,
 )
 from routemem.layers.registry import LayerSpec, register_mixer
 from routemem.ops import gated_delta_rule

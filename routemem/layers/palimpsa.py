@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from routemem.errors import ConfigError
+from routemem.layers.options import check_int, check_mode, check_positive
 from routemem.layers.recurrent_parts import (
-    GatedRMSNorm, RecurrentMixer, ShortConv, check_int, check_mode, check_positive, full_precision,
-    head_dim, init_A_log, init_dt_bias, inverse_softplus, l2norm, op_dtype,
+    GatedRMSNorm, RecurrentMixer, ShortConv, full_precision, head_dim, init_A_log, init_dt_bias, inverse_softplus, l2norm, op_dtype,
 )
 from routemem.layers.registry import LayerSpec, register_mixer
 from routemem.ops import gated_linear_attention, metaplastic_attention

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from routemem.errors import ConfigError
+from routemem.layers.options import check_int
 from routemem.layers.registry import LayerSpec
 
 
@@ -43,27 +44,6 @@ def inverse_softplus(y: torch.Tensor | float) -> torch.Tensor:
     """x with softplus(x) = y (y > 0): y + log(1 - exp(-y)), stable for small y."""
     y = torch.as_tensor(y, dtype=torch.float64)
     return y + torch.log(-torch.expm1(-y))
-
-
-# --- option checks (errors a user can cause with mixer_kwargs) -------------------------------
-
-
-def check_int(owner: str, name: str, value, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{owner}: {name} must be an int >= {low}, got {value!r}")
-    return value
-
-
-def check_positive(owner: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-        raise ConfigError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def check_mode(owner: str, mode, modes: tuple[str, ...]) -> str:
-    if mode not in modes:
-        raise ConfigError(f"{owner}: mode must be one of {modes}, got {mode!r}")
-    return mode
 
 
 def head_dim(owner: str, spec: LayerSpec) -> int:

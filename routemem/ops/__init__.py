@@ -1,8 +1,9 @@
 """Pure functions on tensors. Each op has ``mode="reference"`` (a plain loop, obviously right) and
-a fast form (``"chunk"``) that tests hold equal to it, outputs and gradients. [B, T, H, D] layout."""
+a fast form (``"chunk"``, ``"grouped"``) that tests hold equal to it, outputs and gradients. [B, T, H, D] layout."""
 
+from routemem.ops.apn import patch_mixture, route
 from routemem.ops.delta_rule import gated_delta_rule
 from routemem.ops.gla import gated_linear_attention
 from routemem.ops.metaplastic import metaplastic_attention
 
-__all__ = ["gated_delta_rule", "gated_linear_attention", "metaplastic_attention"]
+__all__ = ["patch_mixture", "route", "gated_delta_rule", "gated_linear_attention", "metaplastic_attention"]
