@@ -89,6 +89,10 @@ class AttractorPatchFFN(nn.Module):
             self.gate_scale.zero_()
             self.gate_bias.zero_()
 
+    def residual_weights(self) -> list[nn.Parameter]:
+        """What writes into the residual stream (TransformerLM scales or zeroes these at init)."""
+        return [self.up] + ([self.trunk.down.weight] if self.trunk is not None else [])
+
     @property
     def tau(self) -> torch.Tensor:
         return self.log_tau.exp()

@@ -18,9 +18,14 @@ from routemem.layers import LayerSpec, build_ffn, build_mixer, make_norm
 from routemem.models.config import LMConfig
 
 
-def _last_linear(module: nn.Module) -> nn.Linear | None:
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else None
+def residual_weights(branch: nn.Module) -> list[torch.Tensor]:
+    """The weights that write a branch's output into the residual stream: the branch's own
+    ``residual_weights()`` if it has one (a layer whose output is not an nn.Linear), else its
+    last nn.Linear's weight."""
+    if callable(getattr(branch, "residual_weights", None)):
+        return list(branch.residual_weights())
+    linears = [m for m in branch.modules() if isinstance(m, nn.Linear)]
+    return [linears[-1].weight] if linears else []
 
 
 class Block(nn.Module):
@@ -70,27 +75,26 @@ class TransformerLM(nn.Module):
 
     # -- initialisation -------------------------------------------------------------------------
     def reset_parameters(self) -> None:
-        """GPT-2 style: N(0, init_std) for linears and embeddings, residual outputs scaled down by
-        sqrt(2 * n_layer) (or zeroed). A layer with its own ``_init_weights()`` runs it last, so a
-        mechanism's special initialisation (decay rates, gates) is never overwritten here."""
+        """GPT-2 style: N(0, init_std) for linears and embeddings; then each layer's own
+        ``_init_weights()`` (a mechanism's decay rates, gates, prototypes); last, the weights that
+        write into the residual stream are scaled down by sqrt(2 * n_layer) (or zeroed)."""
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-        for block in self.blocks:
-            for branch in (block.mixer, block.ffn):
-                out = _last_linear(branch)
-                if out is None:
-                    continue
-                if self.config.zero_init_residual:
-                    nn.init.zeros_(out.weight)
-                else:
-                    nn.init.normal_(out.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
         for module in self.modules():
             if module is not self and hasattr(module, "_init_weights"):
                 module._init_weights()
+        with torch.no_grad():
+            for block in self.blocks:
+                for branch in (block.mixer, block.ffn):
+                    for weight in residual_weights(branch):
+                        if self.config.zero_init_residual:
+                            weight.zero_()
+                        else:
+                            weight.normal_(mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
     # -- forward --------------------------------------------------------------------------------
     def _embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
