@@ -115,7 +115,12 @@ def cmd_reproduce(args) -> int:
     if args.study not in STUDIES:
         known = ", ".join(sorted(STUDIES)) or "none yet"
         raise UserError(f"unknown study '{args.study}' (available: {known})")
-    STUDIES[args.study](out=Path(args.out), quick=args.quick, data_dir=args.data_dir)
+    extra = {}
+    if args.pair is not None:
+        if args.study != "apn":
+            raise UserError(f"--pair applies to the apn study only, not '{args.study}'")
+        extra["pair"] = args.pair
+    STUDIES[args.study](out=Path(args.out), quick=args.quick, data_dir=args.data_dir, **extra)
     return 0
 
 
@@ -166,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--data-dir")
+    p.add_argument("--pair", metavar="A:B", help="apn: domain pair, e.g. pydocs:pycode (default: "
+                   "shakespeare:warandpeace when the data folder has them)")
     p.set_defaults(func=cmd_reproduce)
     return parser
 

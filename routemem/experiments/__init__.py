@@ -15,4 +15,4 @@ def _lazy(module: str) -> Callable:
     return run
 
 
-STUDIES: dict[str, Callable] = {"palimpsa": _lazy("palimpsa")}
+STUDIES: dict[str, Callable] = {"apn": _lazy("apn"), "palimpsa": _lazy("palimpsa")}

@@ -19,9 +19,12 @@ BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def fit_steps(model: torch.nn.Module, batch_at: BatchFn, cfg: TrainConfig, *, bf16: bool = False,
-              device: torch.device = torch.device("cpu"), progress: str | None = None) -> list[float]:
+              device: torch.device = torch.device("cpu"), progress: str | None = None,
+              after_step: Callable[[int], None] | None = None) -> list[float]:
     """Train for ``cfg.max_steps`` steps on ``(inputs, targets) = batch_at(step)``; returns the loss
-    of every step. ``model(inputs, targets)`` must return ``(logits, loss)``. Raises
+    of every step. ``model(inputs, targets)`` must return ``(logits, loss)``. Only parameters with
+    ``requires_grad`` are optimised (freeze the rest to train a part of a model).
+    ``after_step(step)`` runs after each optimizer step (e.g. to evaluate along the way). Raises
     ``TrainingDiverged`` on a NaN/Inf loss (an unstable learning rate in a sweep, say)."""
     optimizer = make_optimizer(model, cfg)
     model.train()
@@ -43,6 +46,8 @@ def fit_steps(model: torch.nn.Module, batch_at: BatchFn, cfg: TrainConfig, *, bf
         if not math.isfinite(value):
             raise TrainingDiverged(f"loss is {value} at step {step} (lr {cfg.lr:g})")
         losses.append(value)
+        if after_step is not None:
+            after_step(step)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{value:.3f}")
     return losses

@@ -1,0 +1,141 @@
+"""The APN study's report.md and plots, made from results already measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from routemem.experiments.common import markdown_table, summarize
+
+
+def _cell_stats(stats: dict) -> str:
+    return f"{stats['mean']:.2f}" + (f" ± {stats['std']:.2f}" if stats["n"] > 1 else "")
+
+
+def _cell(values: list[float]) -> str:
+    return _cell_stats(summarize(values)) if values else "-"
+
+
+def _pretrained(results: dict, kind: str) -> list[dict]:
+    return [r for r in results["runs"] if r["arm"] == f"pretrain-{kind}"]
+
+
+def _claim_row(claim: dict) -> list:
+    paper, measured = claim["paper"], claim["measured"]
+    return [claim["id"], f"{paper['ours']} vs {paper['baseline']} ({paper['ratio']:.2f}x)",
+            f"{_cell_stats(measured['ours'])} vs {_cell_stats(measured['baseline'])} "
+            f"({_cell_stats(measured['ratio'])}x)", claim["verdict"], claim["why"]]
+
+
+def report(results: dict, setting, chosen: dict[str, list[dict]]) -> str:
+    a, b = results["data"]["train"], results["data"]["shift"]
+    stage1 = []
+    for kind in ("dense", "apn"):
+        runs = _pretrained(results, kind)
+        if runs:
+            stage1.append([kind, runs[0]["params"], runs[0]["ffn_params"], runs[0]["ffn_active_per_token"],
+                           _cell([r["metrics"]["a_test_ppl"] for r in runs]),
+                           _cell([r["metrics"]["b_test_ppl"] for r in runs]),
+                           _cell([r["metrics"]["final_train_loss"] for r in runs])])
+    stage2 = []
+    for arm, runs in chosen.items():
+        if not runs:
+            continue
+        kind = arm.split("-")[0]
+        before = {r["seed"]: r["metrics"] for r in _pretrained(results, kind)}
+        stage2.append([arm, ",".join(f"{r['lr']:g}" for r in runs), runs[0]["trainable"],
+                       _cell([r["changed_fraction"] for r in runs]),
+                       _cell([r["patches_changed_fraction"] for r in runs if "patches_changed_fraction" in r]),
+                       _cell([before[r["seed"]]["a_test_ppl"] for r in runs]),
+                       _cell([r["metrics"]["a_test_ppl"] for r in runs]),
+                       _cell([before[r["seed"]]["b_test_ppl"] for r in runs]),
+                       _cell([r["metrics"]["b_test_ppl"] for r in runs])])
+    usage = [r["patch_usage"]["overlap"] for r in _pretrained(results, "apn")]
+    lines = [
+        f"# Attractor Patch Networks: {a} -> {b} ({results['mode']})",
+        "",
+        f"Byte-level LMs, {setting.n_layer} layers, d_model {setting.d_model}, {setting.n_head} heads, "
+        f"context {setting.seq_len}, batch {setting.batch_size}. APN FFN {setting.apn}; the dense FFN's "
+        f"hidden width matches its parameter count. Pretraining: {setting.pretrain_steps} steps on {a}, "
+        f"lr {setting.pretrain_lr:g}. Adaptation: {setting.adapt_steps} steps on {b}, learning rates "
+        f"{list(setting.adapt_lrs)} (per arm and seed, the best B-validation perplexity is kept), no weight "
+        f"decay; seeds {list(setting.seeds)}. Test perplexities on up to {setting.test_tokens} tokens. "
+        f"Total {results['seconds'] / 60:.1f} min on {results['env']['device']} "
+        f"({results['env']['threads']} threads).",
+        "",
+        "## Claims",
+        "",
+        markdown_table(["claim", "paper (APN vs dense)", "ours (mean ± std)", "verdict", "why"],
+                       [_claim_row(c) for c in results["claims"]]),
+        "",
+        "## Stage 1: pretraining on A",
+        "",
+        markdown_table(["FFN", "params (no emb.)", "FFN params", "FFN params used per token", f"{a} test ppl",
+                        f"{b} test ppl", "final train loss"], stage1),
+        "",
+        "## Stage 2: adapting to B (the chosen learning rate per seed)",
+        "",
+        markdown_table(["arm", "lr", "trainable", "params changed", "patches changed", f"{a} ppl before",
+                        f"{a} ppl after", f"{b} ppl before", f"{b} ppl after"], stage2),
+        "",
+        "Params changed: fraction of the pretrained model's parameters whose value moved (LoRA folded "
+        "into the weights it adapts). Patches changed: fraction of patches whose U_i moved.",
+        "",
+        f"Patch usage overlap between {a} and {b} (sum over patches of min(share on A, share on B), per "
+        f"layer, mean over seeds): " + (", ".join(f"layer {i}: {v:.3f}" for i, v in enumerate(np.mean(usage, 0)))
+                                       if usage else "-"),
+        "",
+        "## Every run",
+        "",
+        markdown_table(["arm", "lr", "seed", f"{b} val ppl", f"{a} test ppl", f"{b} test ppl", "seconds"],
+                       [[r["arm"], f"{r['lr']:g}", r["seed"], r.get("val", {}).get("b_val_ppl", "-"),
+                         r["metrics"]["a_test_ppl"] if "metrics" in r else r.get("diverged", "-"),
+                         r["metrics"]["b_test_ppl"] if "metrics" in r else "-", f"{r['seconds']:.1f}"]
+                        for r in results["runs"]]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plots(study_dir: Path, results: dict, setting, chosen: dict[str, list[dict]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a, b = results["data"]["train"], results["data"]["shift"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for arm, runs in chosen.items():
+        if not runs:
+            continue
+        steps = [point["step"] for point in runs[0]["curve"]]
+        for ax, key in zip(axes, ("a_ppl", "b_ppl")):
+            values = np.array([[point[key] for point in r["curve"]] for r in runs])
+            ax.plot(steps, values.mean(0), marker="o", markersize=3, label=arm)
+            if len(runs) > 1:
+                ax.fill_between(steps, values.min(0), values.max(0), alpha=0.15)
+    axes[0].set(title=f"retention: {a} test", xlabel="adaptation step", ylabel="perplexity")
+    axes[1].set(title=f"adaptation: {b} test", xlabel="adaptation step", ylabel="perplexity")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(study_dir / "forgetting_curves.png", dpi=120)
+    plt.close(fig)
+
+    pretrained = _pretrained(results, "apn")
+    if not pretrained:
+        return
+    usage = pretrained[0]["patch_usage"]
+    fig, axes = plt.subplots(1, len(usage["A"]), figsize=(5 * len(usage["A"]), 3.4), squeeze=False)
+    for layer, ax in enumerate(axes[0]):
+        on_a, on_b = np.array(usage["A"][layer]), np.array(usage["B"][layer])
+        order = np.argsort(-on_a)  # patches by their share on A
+        x = np.arange(len(order))
+        ax.bar(x - 0.2, on_a[order], width=0.4, label=a)
+        ax.bar(x + 0.2, on_b[order], width=0.4, label=b)
+        ax.set(title=f"layer {layer}: overlap {usage['overlap'][layer]:.2f}", xlabel="patch (by share on A)",
+               ylabel="share of routing slots")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(study_dir / "patch_usage.png", dpi=120)
+    plt.close(fig)
