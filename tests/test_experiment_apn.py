@@ -1,0 +1,184 @@
+"""The APN study: arms freeze what they claim to, the claim rules, LoRA, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from routemem.cli import main
+from routemem.experiments import apn, apn_claims
+from routemem.experiments.common import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
+from routemem.layers.lora import LoRALinear, add_lora
+from routemem.models import TransformerLM
+
+TINY = replace(apn.QUICK, d_model=32, n_head=2, seq_len=32, batch_size=8, pretrain_steps=12, adapt_steps=6,
+               adapt_lrs=(1e-3, 3e-3), seeds=(0, 1), curve_points=2, curve_tokens=256, test_tokens=512,
+               lora_rank=4, bf16=False, apn={"n_patches": 8, "rank": 4, "top_k": 2, "tau": 0.1, "load_balance": 0.01})
+
+
+@pytest.fixture(scope="module")
+def domains():
+    return apn.load_domains("pydocs:pycode", None)
+
+
+def _pretrained(kind: str, setting=TINY) -> TransformerLM:
+    torch.manual_seed(0)
+    return TransformerLM(apn.model_config(setting, kind))
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("prototype_update", ["sgd", "ema"])
+def test_apn_patches_arm_changes_only_patch_parameters(domains, prototype_update):
+    setting = replace(TINY, apn={**TINY.apn, "prototype_update": prototype_update})
+    base = _pretrained("apn", setting)
+    before = _snapshot(base)
+    model = apn.train_arm(base, "apn-patches", 3e-3, 0, domains, setting)
+    after = _snapshot(model)
+    patch_names = {"ffn.up", "ffn.gate_scale", "ffn.gate_bias"}
+    frozen = [n for n in before if not any(n.endswith(p) for p in patch_names)]
+    assert any("tok_emb" in n for n in frozen) and any("mixer" in n for n in frozen)
+    assert any(n.endswith("ffn.prototypes") for n in frozen) and any(n.endswith("ffn.code") for n in frozen)
+    for name in frozen:  # embeddings, attention, norms, prototypes, code V: bit-identical
+        assert torch.equal(after[name], before[name]), f"{name} changed in the apn-patches arm"
+    moved = [n for n in before if n not in frozen and not torch.equal(after[n], before[n])]
+    assert moved, "the patch parameters did not train"
+    assert all(torch.equal(before[n], p) for n, p in _snapshot(base).items()), "the pretrained model was modified"
+
+
+def test_arms_train_the_parameters_they_name():
+    dense, model_apn = _pretrained("dense"), _pretrained("apn")
+
+    def trainable(model):
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    all_dense = {n for n, _ in dense.named_parameters()}
+    assert trainable(apn.prepare_arm(dense, "dense-global", TINY)) == all_dense
+    assert trainable(apn.prepare_arm(model_apn, "apn-global", TINY)) == {n for n, _ in model_apn.named_parameters()}
+    assert trainable(apn.prepare_arm(dense, "dense-ffn-only", TINY)) == {n for n in all_dense if ".ffn." in n}
+    lora = trainable(apn.prepare_arm(dense, "dense-lora", TINY))
+    assert lora and all("lora_" in n and ".ffn." in n for n in lora)
+    patches = trainable(apn.prepare_arm(model_apn, "apn-patches", TINY))
+    assert patches == {f"blocks.{i}.ffn.{p}" for i in range(TINY.n_layer) for p in ("up", "gate_scale", "gate_bias")}
+    assert all(p.requires_grad for p in dense.parameters()), "prepare_arm must not touch the pretrained model"
+    with pytest.raises(ValueError, match="unknown arm"):
+        apn.prepare_arm(dense, "dense-everything", TINY)
+
+
+def test_dense_ffn_matches_apn_parameter_count():
+    dense, model_apn = _pretrained("dense"), _pretrained("apn")
+    d_ffn, a_ffn = apn.ffn_size(dense), apn.ffn_size(model_apn)
+    assert abs(d_ffn["ffn_params"] - a_ffn["ffn_params"]) <= 2 * TINY.d_model * TINY.n_layer  # one hidden unit
+    assert a_ffn["ffn_active_per_token"] < a_ffn["ffn_params"]
+    assert d_ffn["ffn_active_per_token"] == d_ffn["ffn_params"]
+
+
+def test_lora_starts_as_identity_and_merges_exactly():
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU(), torch.nn.Linear(5, 4, bias=False))
+    x = torch.randn(3, 6)
+    expected = block(x)
+    wrapped = add_lora(block, rank=2)
+    assert len(wrapped) == 2 and isinstance(block[0], LoRALinear)
+    torch.testing.assert_close(block(x), expected, rtol=0, atol=0)
+    assert {n for n, p in block.named_parameters() if p.requires_grad} == {
+        "0.lora_a", "0.lora_b", "2.lora_a", "2.lora_b"}
+    with torch.no_grad():
+        block[0].lora_b.normal_()
+    merged = torch.nn.functional.linear(x, block[0].merged_weight(), block[0].base.bias)
+    torch.testing.assert_close(block[0](x), merged)
+
+
+def test_changed_counts_lora_through_the_merged_weight():
+    dense = _pretrained("dense")
+    model = apn.prepare_arm(dense, "dense-lora", TINY)
+    before = apn.effective_parameters(dense)
+    assert set(apn.effective_parameters(model)) == set(before)
+    assert apn.changed(before, model)["changed_fraction"] == 0.0
+    with torch.no_grad():
+        model.blocks[0].ffn.up.lora_b.fill_(0.1)
+    weight = before["blocks.0.ffn.up.weight"]
+    assert apn.changed(before, model)["changed_fraction"] == pytest.approx(weight.numel() / sum(
+        v.numel() for v in before.values()))
+
+
+def test_patches_changed_fraction_counts_patches():
+    base = _pretrained("apn")
+    model = apn.prepare_arm(base, "apn-patches", TINY)
+    with torch.no_grad():
+        model.blocks[0].ffn.up[3] += 1.0
+    stats = apn.changed(apn.effective_parameters(base), model)
+    assert stats["patches_changed_fraction"] == pytest.approx(0.5 / TINY.apn["n_patches"])
+
+
+def _runs(apn_ppl, dense_ppl):
+    return ([{"arm": "pretrain-apn", "seed": s, "metrics": {"a_test_ppl": v}} for s, v in enumerate(apn_ppl)]
+            + [{"arm": "pretrain-dense", "seed": s, "metrics": {"a_test_ppl": v}} for s, v in enumerate(dense_ppl)])
+
+
+@pytest.mark.parametrize("apn_ppl, dense_ppl, verdict", [
+    ([4.5, 4.6, 4.55], [4.3, 4.35, 4.32], REPRODUCED),  # ratio ~1.05
+    ([5.5, 5.6, 5.4], [4.3, 4.35, 4.32], NOT_REPRODUCED),  # ratio ~1.27
+    ([4.3, 5.3], [4.3, 4.3], INCONCLUSIVE),  # ratio 1.12 +- 0.16 straddles 1.10
+    ([4.5], [4.3], INCONCLUSIVE),  # one seed
+])
+def test_base_gap_rule(apn_ppl, dense_ppl, verdict):
+    claim = apn_claims.base_gap_claim(_runs(apn_ppl, dense_ppl))
+    assert claim["verdict"] == verdict, claim["why"]
+    assert claim["measured"]["ratio"]["n"] == len(apn_ppl)
+
+
+@pytest.mark.parametrize("ours, base, verdict", [
+    ([10.0, 11.0], [28.0, 30.0], REPRODUCED),
+    ([30.0, 31.0], [10.0, 11.0], NOT_REPRODUCED),
+    ([10.0, 20.0], [14.0, 16.0], INCONCLUSIVE),
+])
+def test_after_adaptation_rule_is_directional_lower_is_better(ours, base, verdict):
+    chosen = {"apn-patches": [{"seed": s, "metrics": {"a_test_ppl": v}} for s, v in enumerate(ours)],
+              "dense-global": [{"seed": s, "metrics": {"a_test_ppl": v}} for s, v in enumerate(base)]}
+    claim = apn_claims.after_adaptation_claim(chosen, "retention_ratio", "a_test_ppl", "d", (11.1, 29.4))
+    assert claim["verdict"] == verdict
+    assert claim["measured"]["ratio"]["mean"] == pytest.approx(sum(b / o for b, o in zip(base, ours)) / len(ours))
+
+
+def test_tiny_study_end_to_end(tmp_path):
+    results = apn.run(tmp_path, setting=TINY, pair="pydocs:pycode")
+    study = tmp_path / "apn"
+    assert {p.name for p in study.iterdir()} == {"results.json", "report.md", "forgetting_curves.png",
+                                                 "patch_usage.png"}
+    saved = json.loads((study / "results.json").read_text())
+    assert saved["study"] == "apn" and saved["mode"] == "custom"
+    assert saved["data"] == {**saved["data"], "train": "pydocs", "shift": "pycode", "tokenizer": "bytes"}
+    assert [c["id"] for c in saved["claims"]] == ["base_ppl_gap", "retention_ratio", "adaptation_ratio"]
+    assert all(c["verdict"] in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE) for c in saved["claims"])
+    n_adapt = len(TINY.seeds) * len(TINY.arms) * len(TINY.adapt_lrs)
+    assert len(saved["runs"]) == len(TINY.seeds) * 2 + n_adapt
+    adapt_runs = [r for r in results["runs"] if not r["arm"].startswith("pretrain")]
+    assert all([p["step"] for p in r["curve"]] == [0, 3, 6] for r in adapt_runs)
+    usage = [r["patch_usage"] for r in results["runs"] if r["arm"] == "pretrain-apn"]
+    assert all(0 <= o <= 1 + 1e-6 for u in usage for o in u["overlap"])
+    assert all(sum(layer) == pytest.approx(1.0) for u in usage for layer in u["A"] + u["B"])
+    report = (study / "report.md").read_text()
+    assert "## Claims" in report and "apn-patches" in report and "dense-lora" in report
+
+
+def test_default_pair_without_data_is_builtin(monkeypatch, tmp_path):
+    monkeypatch.delenv("ROUTEMEM_DATA", raising=False)
+    assert apn.default_pair(None) == "pydocs:pycode"
+    assert apn.default_pair(str(tmp_path)) == "pydocs:pycode"  # a folder without the files
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["reproduce", "apn", "--pair", "pydocs"], "pair must be 'A:B'"),
+    (["reproduce", "apn", "--pair", "pydocs:nosuchcorpus"], "unknown corpus"),
+    (["reproduce", "palimpsa", "--pair", "pydocs:pycode"], "--pair applies to the apn study only"),
+])
+def test_cli_rejects_bad_pair(argv, message, tmp_path, capsys):
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "apn").exists()
