@@ -129,6 +129,51 @@ def test_step_equals_parallel(mixer, mixer_kwargs, pos):
     torch.testing.assert_close(torch.stack(steps, dim=1), parallel, rtol=1e-5, atol=1e-5)
 
 
+# --- causality and step decoding: every registered FFN ---------------------------------------
+
+# Read at collection time, like MIXER_NAMES; plus non-default forms of the routed FFN.
+FFN_NAMES = sorted(FFNS)
+FFN_CASES = [(f, {}) for f in FFN_NAMES] + [
+    ("apn", {"mode": "reference", "n_patches": 6, "rank": 3, "top_k": 2}),
+    ("apn", {"n_patches": 4, "top_k": 4, "trunk_hidden": 8, "prototype_update": "ema", "learn_tau": True}),
+]
+FFN_IDS = [f + "".join(f"-{k}{v}" for k, v in kw.items()) for f, kw in FFN_CASES]
+
+
+@pytest.mark.parametrize("ffn, ffn_kwargs", FFN_CASES, ids=FFN_IDS)
+def test_causality_every_ffn(ffn, ffn_kwargs):
+    model = tiny(ffn=ffn, ffn_kwargs=ffn_kwargs)  # eval mode: no ema pull, no aux loss
+    T = 12
+    idx = tokens(2, T)
+    with torch.no_grad():
+        base = model(idx)
+        for t in (0, 5, T - 1):
+            changed = idx.clone()
+            changed[0, t] = (changed[0, t] + 1) % V
+            out = model(changed)
+            torch.testing.assert_close(out[0, :t], base[0, :t], rtol=0, atol=1e-12,
+                                       msg=lambda m, t=t: f"{ffn}: position < {t} saw token {t}\n{m}")
+            assert not torch.allclose(out[0, t], base[0, t], rtol=0, atol=1e-9)
+            torch.testing.assert_close(out[1], base[1], rtol=0, atol=1e-12)  # batch rows independent
+
+
+@pytest.mark.parametrize("ffn, ffn_kwargs", FFN_CASES, ids=FFN_IDS)
+def test_step_equals_parallel_every_ffn(ffn, ffn_kwargs):
+    model = tiny(ffn=ffn, ffn_kwargs=ffn_kwargs)
+    idx = tokens(2, S)
+    with torch.no_grad():
+        parallel = model(idx)
+        if ffn != "none":  # the FFN branch contributes, so a step that skipped it would show
+            x = torch.randn(2, 5, D, dtype=torch.float64)
+            assert model.blocks[0].ffn(x).abs().max() > 0
+    cache, steps = None, []
+    for t in range(S):
+        logits, cache = model.step(idx[:, t], cache)
+        assert logits.shape == (2, V) and cache["pos"] == t + 1
+        steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, dim=1), parallel, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("mixer", MIXER_NAMES)
 def test_zero_init_residual_blocks_are_identities(mixer):
     model = tiny(mixer=mixer, zero_init_residual=True)

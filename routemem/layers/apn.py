@@ -70,7 +70,7 @@ class AttractorPatchFFN(nn.Module):
         if self.learn_tau:
             self.log_tau = nn.Parameter(torch.tensor(math.log(tau)))
         else:
-            self.register_buffer("log_tau", torch.tensor(math.log(tau)), persistent=False)
+            self.register_buffer("log_tau", torch.tensor(math.log(tau)))  # saved: checkpoints keep their tau
         trunk_hidden = check_int(owner, "trunk_hidden", trunk_hidden, low=0)
         self.trunk = DenseFFN(spec, hidden=trunk_hidden) if trunk_hidden else None
         self.update_prototypes = True  # the ema pull; an adaptation arm that freezes routing turns it off
@@ -104,9 +104,10 @@ class AttractorPatchFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = x.reshape(-1, x.shape[-1])
-        routing = route(z, self.prototypes, self.top_k, self.tau)
-        weights = routing.weights.to(z.dtype)
-        with torch.autocast(device_type=z.device.type, enabled=False):  # the op wants one dtype
+        # Full precision: bf16 cosines flip near-tied top-k choices, and the op wants one dtype.
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            routing = route(z, self.prototypes.to(z.dtype), self.top_k, self.tau.to(z.dtype))
+            weights = routing.weights
             params = [p.to(z.dtype) for p in (self.code, self.up, self.gate_scale, self.gate_bias)]
             y = patch_mixture(z, routing.indices, weights, *params, mode=self.mode)
         y = self.gamma * y.view_as(x)
@@ -126,7 +127,7 @@ class AttractorPatchFFN(nn.Module):
     @torch.no_grad()
     def _pull_prototypes(self, z: torch.Tensor, indices: torch.Tensor) -> None:
         """p_i <- decay * p_i + (1 - decay) * mean of the unit tokens routed to i (used patches only)."""
-        unit = F.normalize(z.float(), dim=-1).repeat_interleave(self.top_k, 0)
+        unit = F.normalize(z.to(self.prototypes.dtype), dim=-1).repeat_interleave(self.top_k, 0)
         flat = indices.flatten()
         sums = torch.zeros_like(self.prototypes).index_add_(0, flat, unit)
         counts = torch.bincount(flat, minlength=self.n_patches)

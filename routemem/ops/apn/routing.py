@@ -23,6 +23,13 @@ class Routing(NamedTuple):
 
 def route(z: torch.Tensor, prototypes: torch.Tensor, top_k: int, tau: float | torch.Tensor) -> Routing:
     """z [N, d], prototypes [K, d] -> Routing. tau (> 0) is a float or a 0-dim tensor (learned)."""
+    if z.dim() != 2 or prototypes.dim() != 2 or z.shape[1] != prototypes.shape[1]:
+        raise ValueError(f"z must be [N, d] and prototypes [K, d] with the same d, got {tuple(z.shape)} "
+                         f"and {tuple(prototypes.shape)}")
+    if not 1 <= top_k <= prototypes.shape[0]:
+        raise ValueError(f"top_k must be in [1, K={prototypes.shape[0]}], got {top_k}")
+    if not bool(torch.as_tensor(tau) > 0):
+        raise ValueError(f"tau must be > 0, got {float(tau)}")
     scores = F.normalize(z, dim=-1) @ F.normalize(prototypes, dim=-1).T / tau
     kept, indices = scores.topk(top_k, dim=-1)
     return Routing(indices, kept.softmax(-1), scores)
@@ -37,6 +44,8 @@ def patch_load(indices: torch.Tensor, n_patches: int) -> torch.Tensor:
 def load_balance_loss(routing: Routing) -> torch.Tensor:
     """K * sum_i f_i * P_i: 1 when routing is uniform, up to K when everything goes to one patch."""
     n_patches = routing.scores.shape[-1]
+    if routing.scores.shape[0] == 0:
+        return routing.scores.sum()  # no tokens, no imbalance (and no NaN from an empty mean)
     fraction = patch_load(routing.indices, n_patches).to(routing.scores.dtype)
     mean_prob = routing.scores.float().softmax(-1).mean(0)
     return n_patches * (fraction * mean_prob).sum()
