@@ -54,3 +54,47 @@ def test_palimpsa_bench_reports_speedup_ratio_and_memory(tmp_path, monkeypatch):
     assert memory[256]["autograd"] > 3 * memory[16]["autograd"]
     assert memory[256]["recompute"] < memory[256]["autograd"]
     assert result["pass"]["speedup"] == (result["speedup_chunk_over_reference_fwd_bwd"] >= 10.0)
+
+
+def test_apn_bench_reports_ratios_params_and_memory(tmp_path, monkeypatch):
+    import math
+
+    from routemem.bench import apn as apn_bench
+
+    for name, value in {"TOKENS": 256, "D": 16, "K": 8, "R": 4, "TOP_K": 2}.items():
+        monkeypatch.setattr(apn_bench, name, value)
+    result = run_suite("apn", quick=True, out=str(tmp_path / "b.json"))
+    assert json.loads((tmp_path / "b.json").read_text()) == json.loads(json.dumps(result))
+    variants = result["variants"]
+    assert {"apn_grouped", "apn_reference", "dense_same_params", "dense_4d",
+            "op_grouped", "op_reference"} == set(variants)
+    for row in variants.values():
+        assert row["fwd_s"] > 0 and row["fwd_bwd_s"] > 0 and row["saved_for_backward_bytes"] > 0
+        assert len(row["fwd_runs_s"]) == len(row["fwd_bwd_runs_s"]) >= 1
+    # the layer in both modes computes the same function
+    assert result["max_abs_diff_grouped_vs_reference"] < 1e-5
+    targets = result["targets"]
+    for phase in ("fwd", "fwd_bwd"):
+        speedup = targets["op_speedup_reference_over_grouped"][phase]
+        dense = targets["ratio_grouped_over_dense"][phase]
+        for entry in (speedup, dense):
+            assert math.isfinite(entry["ratio"]) and entry["ratio"] > 0
+        key = f"{phase}_s"
+        assert speedup["ratio"] == variants["op_reference"][key] / variants["op_grouped"][key]
+        layer = result["informational_ratios"]["layer_speedup_reference_over_grouped"][phase]
+        assert layer == variants["apn_reference"][key] / variants["apn_grouped"][key]
+        assert dense["ratio"] == variants["apn_grouped"][key] / variants["dense_same_params"][key]
+        assert speedup["min"] == 5.0 and speedup["met"] == (speedup["ratio"] >= 5.0)
+        assert dense["max"] == 1.5 and dense["met"] == (dense["ratio"] <= 1.5)
+    assert result["all_targets_met"] == all(
+        entry["met"] for target in targets.values() for entry in target.values())
+    # parameter counts: K d prototypes + d r code + K d r up + 2 K r gate = 768 here; the dense
+    # baseline's hidden is sized to match (2 d h weights)
+    params = result["params"]
+    assert params["apn_total"] == 8 * 16 + 16 * 4 + 8 * 16 * 4 + 2 * 8 * 4
+    assert params["dense_same_params_total"] == 2 * 16 * params["dense_same_params_hidden"]
+    assert abs(params["dense_same_params_total"] - params["apn_total"]) <= 16
+    assert params["dense_4d_total"] == 2 * 16 * 64
+    assert params["apn_active_per_token"] < params["apn_total"]
+    routing = result["routing"]
+    assert routing["assignments"] == 256 * 2 and routing["capacity"] == routing["max_load"] >= 64

@@ -25,7 +25,7 @@ from routemem.errors import ConfigError
 from routemem.layers.ffn import DenseFFN
 from routemem.layers.options import check_choice, check_fraction, check_int, check_positive
 from routemem.layers.registry import LayerSpec, register_ffn
-from routemem.ops.apn import MODES, load_balance_loss, patch_mixture, route, routing_stats
+from routemem.ops.apn import MODES, load_balance_loss, patch_mixture, route, router_probs, routing_stats
 
 PROTOTYPE_UPDATES = ("sgd", "ema")
 
@@ -115,9 +115,10 @@ class AttractorPatchFFN(nn.Module):
             y = y + self.trunk(x)
         self.aux_loss = None
         if self.training:
+            probs = router_probs(routing)  # one softmax over all K for the loss and the statistics
             if self.load_balance > 0:
-                self.aux_loss = self.load_balance * load_balance_loss(routing)
-            self._stats = routing_stats(routing)
+                self.aux_loss = self.load_balance * load_balance_loss(routing, probs)
+            self._stats = routing_stats(routing, probs.detach())
             if self.prototype_update == "ema" and self.update_prototypes:
                 self._pull_prototypes(z, routing.indices)
         if self.usage is not None:

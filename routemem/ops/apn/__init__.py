@@ -11,13 +11,15 @@ import torch
 
 from routemem.ops.apn.grouped import group_by_patch, patch_mixture_grouped
 from routemem.ops.apn.reference import patch_mixture_reference
-from routemem.ops.apn.routing import Routing, load_balance_loss, patch_load, route, routing_stats
+from routemem.ops.apn.routing import (
+    Routing, load_balance_loss, patch_load, route, router_probs, routing_stats,
+)
 from routemem.ops.checks import check_mode, expect_shape
 
 MODES = ("reference", "grouped")
 
 __all__ = ["MODES", "Routing", "group_by_patch", "load_balance_loss", "patch_load", "patch_mixture",
-           "route", "routing_stats"]
+           "route", "router_probs", "routing_stats"]
 
 
 def patch_mixture(z, indices, weights, V, U, a, b, *, mode="grouped"):

@@ -41,24 +41,30 @@ def patch_load(indices: torch.Tensor, n_patches: int) -> torch.Tensor:
     return counts.float() / max(1, indices.numel())
 
 
-def load_balance_loss(routing: Routing) -> torch.Tensor:
-    """K * sum_i f_i * P_i: 1 when routing is uniform, up to K when everything goes to one patch."""
+def router_probs(routing: Routing) -> torch.Tensor:
+    """[N, K] softmax over all K scores (the router's full distribution per token)."""
+    return routing.scores.softmax(-1)
+
+
+def load_balance_loss(routing: Routing, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """K * sum_i f_i * P_i: 1 when routing is uniform, up to K when everything goes to one patch.
+    ``probs``: ``router_probs(routing)`` if already computed (shared with ``routing_stats``)."""
     n_patches = routing.scores.shape[-1]
     if routing.scores.shape[0] == 0:
         return routing.scores.sum()  # no tokens, no imbalance (and no NaN from an empty mean)
     fraction = patch_load(routing.indices, n_patches).to(routing.scores.dtype)
-    mean_prob = routing.scores.float().softmax(-1).mean(0)
+    mean_prob = (router_probs(routing) if probs is None else probs).mean(0)
     return n_patches * (fraction * mean_prob).sum()
 
 
 @torch.no_grad()
-def routing_stats(routing: Routing) -> dict[str, torch.Tensor]:
+def routing_stats(routing: Routing, probs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Diagnostics as 0-dim tensors (no device sync until someone reads them): load entropy
     (nats; log K is perfectly balanced), the mean per-token router entropy over all K, the
     largest load, and the fraction of patches no token was routed to."""
     n_patches = routing.scores.shape[-1]
     load = patch_load(routing.indices, n_patches)
-    probs = routing.scores.float().softmax(-1)
+    probs = router_probs(routing) if probs is None else probs
     return {
         "load_entropy": -(load * load.clamp_min(1e-12).log()).sum(),
         "router_entropy": -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean(),

@@ -1,0 +1,266 @@
+"""Attractor Patch Network FFN: the layer in ``grouped`` mode against ``reference`` mode, and
+against a dense GELU FFN with the same total parameter count; time and memory held for backward.
+
+Targets (the issue's ``routemem bench apn``), at 8192 tokens, d=128, K=64, r=16, top_k=4, each
+for fwd and for fwd+bwd:
+
+- grouped >= 5x faster than reference. ``mode`` selects only how the patch mixture is computed
+  (routing is the same code in both), so this compares ``patch_mixture`` in its two modes on one
+  fixed routing; the whole layer's ratio (diluted by the shared routing) is reported beside it.
+- the layer in grouped mode within 1.5x of a dense GELU FFN with the same total parameter count:
+  the whole ``AttractorPatchFFN`` forward in train mode (routing, the patch mixture, the
+  load-balance aux loss and the router statistics: what a training step runs).
+
+fwd+bwd backpropagates a fixed random output gradient (plus the aux loss) into the input and every
+parameter. The plain 4d-hidden dense FFN is timed too, as a reference point outside the targets.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from routemem.bench.common import median_seconds
+from routemem.layers.apn import AttractorPatchFFN
+from routemem.layers.ffn import DenseFFN
+from routemem.layers.registry import LayerSpec
+from routemem.ops.apn import patch_mixture, route
+
+TOKENS = 8192
+D = 128
+K = 64
+R = 16
+TOP_K = 4
+TAU = 0.1
+LOAD_BALANCE = 0.01  # the layer's default aux-loss weight
+SPEEDUP_TARGET = 5.0  # reference time / grouped time, at least
+DENSE_RATIO_TARGET = 1.5  # grouped time / same-parameter dense FFN time, at most
+# Timing: ROUNDS rounds, each timing every variant in turn (so drift in machine load hits all of
+# them alike), REPEATS timed calls per variant per round after one warm-up; the median is over
+# all rounds' runs. The reference is slow, so it gets fewer repeats.
+ROUNDS = {"quick": 1, "full": 5}
+REPEATS = {"quick": 2, "full": 7}
+REFERENCE_REPEATS = {"quick": 1, "full": 3}
+SEED = 0
+
+
+def _spec() -> LayerSpec:
+    return LayerSpec(d_model=D, n_head=1, max_seq_len=TOKENS)
+
+
+def make_input(device: torch.device, seed: int = SEED) -> torch.Tensor:
+    """[TOKENS, D] unit-scale tokens, as a block's pre-FFN norm hands them over."""
+    g = torch.Generator().manual_seed(seed)
+    return F.layer_norm(torch.randn(TOKENS, D, generator=g), (D,)).to(device)
+
+
+def _n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _build(device: torch.device) -> dict:
+    """The modules: the APN layer in both modes (identical weights) and the two dense FFNs."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        grouped = AttractorPatchFFN(_spec(), n_patches=K, rank=R, top_k=TOP_K, tau=TAU,
+                                    load_balance=LOAD_BALANCE, mode="grouped")
+        reference = AttractorPatchFFN(_spec(), n_patches=K, rank=R, top_k=TOP_K, tau=TAU,
+                                      load_balance=LOAD_BALANCE, mode="reference")
+        reference.load_state_dict(grouped.state_dict())
+        apn_params = _n_params(grouped)
+        hidden = max(1, round(apn_params / (2 * D)))  # DenseFFN: D*h + h*D weights, no bias
+        dense = DenseFFN(_spec(), hidden=hidden)
+        dense_4d = DenseFFN(_spec(), hidden=4 * D)
+    modules = {"grouped": grouped, "reference": reference, "dense": dense, "dense_4d": dense_4d}
+    for module in modules.values():
+        module.to(device).train()
+    return modules
+
+
+def _variants(modules: dict, z: torch.Tensor) -> dict:
+    """name -> (description, forward(x) -> (out, aux loss or None), parameters to clear, repeats key)."""
+
+    def layer(module):
+        def forward(x):
+            out = module(x)
+            return out, getattr(module, "aux_loss", None)
+        return forward
+
+    apn = modules["grouped"]
+    with torch.no_grad():
+        routing = route(z, apn.prototypes, TOP_K, apn.tau)
+    indices = routing.indices
+    weights = routing.weights.detach().requires_grad_()
+    op_params = [apn.code, apn.up, apn.gate_scale, apn.gate_bias]
+
+    def op(mode):
+        def forward(x):
+            return patch_mixture(x, indices, weights, *op_params, mode=mode), None
+        return forward
+
+    apn_params = list(apn.parameters())
+    ref_params = list(modules["reference"].parameters())
+    return {
+        "apn_grouped": ("AttractorPatchFFN, mode=grouped, train mode (routing + mixture + aux loss + stats)",
+                        layer(apn), apn_params, "repeats"),
+        "apn_reference": ("AttractorPatchFFN, mode=reference, train mode, same weights",
+                          layer(modules["reference"]), ref_params, "reference"),
+        "dense_same_params": ("DenseFFN (GELU, no bias) with hidden sized to the APN's total parameters",
+                              layer(modules["dense"]), list(modules["dense"].parameters()), "repeats"),
+        "dense_4d": ("DenseFFN (GELU, no bias), 4d hidden", layer(modules["dense_4d"]),
+                     list(modules["dense_4d"].parameters()), "repeats"),
+        "op_grouped": ("patch_mixture only, mode=grouped, on a fixed routing (grads into V, U, a, b, weights)",
+                       op("grouped"), op_params + [weights], "repeats"),
+        "op_reference": ("patch_mixture only, mode=reference, on a fixed routing",
+                         op("reference"), op_params + [weights], "reference"),
+    }
+
+
+def _once(forward, x: torch.Tensor, params: list, backward: bool, grad: torch.Tensor):
+    leaf = x.detach().requires_grad_(backward)
+
+    def once():
+        if not backward:
+            with torch.no_grad():
+                forward(leaf)
+            return
+        out, aux = forward(leaf)
+        tensors, grads = [out], [grad]
+        if aux is not None:
+            tensors.append(aux)
+            grads.append(torch.ones_like(aux))
+        torch.autograd.backward(tensors, grads)
+        leaf.grad = None
+        for p in params:
+            p.grad = None  # as zero_grad(set_to_none=True) between training steps
+
+    return once
+
+
+def saved_bytes(forward, x: torch.Tensor, params: list) -> int:
+    """Bytes of distinct storages autograd keeps for backward during one forward (what peak
+    training memory grows with), the input and the parameters excluded."""
+    leaf = x.detach().requires_grad_()
+    skip = {t.untyped_storage().data_ptr() for t in [leaf, *params]}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward(leaf)
+    del out
+    return sum(storages.values())
+
+
+def _cuda_peak(forward, x, params, grad) -> dict:  # pragma: no cover - exercised only on a GPU machine
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    _once(forward, x, params, backward=True, grad=grad)()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return {"cuda_peak_bytes": peak, "cuda_peak_over_start_bytes": peak - start}
+
+
+def _routing_info(apn: AttractorPatchFFN, z: torch.Tensor) -> dict:
+    with torch.no_grad():
+        indices = route(z, apn.prototypes, TOP_K, apn.tau).indices
+    counts = torch.bincount(indices.flatten(), minlength=K).cpu()
+    assignments = indices.numel()
+    capacity = int(counts.max())
+    load = counts.double() / assignments
+    return {
+        "routing": "random prototypes, near-uniform load",
+        "assignments": assignments,
+        "mean_load": assignments / K,
+        "max_load": capacity,
+        "min_load": int(counts.min()),
+        "capacity": capacity,  # the grouped buffer's rows per patch: the busiest patch's count
+        "padding_fraction": 1.0 - assignments / (K * capacity) if capacity else 0.0,
+        "load_entropy": float(-(load * load.clamp_min(1e-12).log()).sum()),
+        "max_load_entropy": math.log(K),
+        "unused_patches": int((counts == 0).sum()),
+    }
+
+
+def run(quick: bool = False) -> dict:
+    key = "quick" if quick else "full"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    z = make_input(device)
+    grad = torch.randn(TOKENS, D, generator=torch.Generator().manual_seed(SEED + 1)).to(device)
+    modules = _build(device)
+    variants = _variants(modules, z)
+    repeats = {"repeats": REPEATS[key], "reference": REFERENCE_REPEATS[key]}
+
+    runs = {name: {"fwd": [], "fwd_bwd": []} for name in variants}
+    for _ in range(ROUNDS[key]):
+        for name, (_, forward, params, rep) in variants.items():
+            for phase, backward in (("fwd", False), ("fwd_bwd", True)):
+                timed = median_seconds(_once(forward, z, params, backward, grad), repeats=repeats[rep], warmup=1)
+                runs[name][phase] += timed["runs_s"]
+
+    rows = {}
+    for name, (desc, forward, params, rep) in variants.items():
+        row = {"desc": desc,
+               "fwd_s": statistics.median(runs[name]["fwd"]),
+               "fwd_bwd_s": statistics.median(runs[name]["fwd_bwd"]),
+               "fwd_runs_s": runs[name]["fwd"], "fwd_bwd_runs_s": runs[name]["fwd_bwd"],
+               "saved_for_backward_bytes": saved_bytes(forward, z, params)}
+        if device.type == "cuda":
+            row.update(_cuda_peak(forward, z, params, grad))
+        rows[name] = row
+
+    with torch.no_grad():
+        diff = float((modules["grouped"](z) - modules["reference"](z)).abs().max())
+    apn = modules["grouped"]
+    params = {
+        "apn_total": _n_params(apn),
+        "apn_active_per_token": apn.active_params_per_token(),
+        "dense_same_params_hidden": modules["dense"].up.out_features,
+        "dense_same_params_total": _n_params(modules["dense"]),
+        "dense_4d_hidden": modules["dense_4d"].up.out_features,
+        "dense_4d_total": _n_params(modules["dense_4d"]),
+    }
+    return {
+        "setup": {"tokens": TOKENS, "d": D, "n_patches": K, "rank": R, "top_k": TOP_K, "tau": TAU,
+                  "load_balance": LOAD_BALANCE, "dtype": str(z.dtype), "device": device.type,
+                  "timed": "layer forward in train mode incl. load-balance aux loss and router stats; "
+                           "fwd under torch.no_grad; fwd+bwd backpropagates a fixed random output "
+                           "gradient (+ the aux loss) into the input and all parameters",
+                  "rounds": ROUNDS[key], "repeats_per_round": repeats["repeats"],
+                  "reference_repeats_per_round": repeats["reference"], "warmup": 1},
+        "routing": _routing_info(apn, z),
+        "params": params,
+        "max_abs_diff_grouped_vs_reference": diff,
+        "variants": rows,
+        **_summary(rows),
+    }
+
+
+def _summary(rows: dict) -> dict:
+    def ratio(num, den, phase):
+        return rows[num][f"{phase}_s"] / rows[den][f"{phase}_s"]
+
+    phases = ("fwd", "fwd_bwd")
+    speedup = {p: ratio("op_reference", "op_grouped", p) for p in phases}
+    dense = {p: ratio("apn_grouped", "dense_same_params", p) for p in phases}
+    return {
+        "targets": {
+            "op_speedup_reference_over_grouped": {
+                p: {"ratio": speedup[p], "min": SPEEDUP_TARGET, "met": speedup[p] >= SPEEDUP_TARGET} for p in phases},
+            "ratio_grouped_over_dense": {
+                p: {"ratio": dense[p], "max": DENSE_RATIO_TARGET, "met": dense[p] <= DENSE_RATIO_TARGET} for p in phases},
+        },
+        "informational_ratios": {  # outside the targets
+            "grouped_over_dense_4d": {p: ratio("apn_grouped", "dense_4d", p) for p in phases},
+            "layer_speedup_reference_over_grouped": {p: ratio("apn_reference", "apn_grouped", p) for p in phases},
+        },
+        "all_targets_met": all(speedup[p] >= SPEEDUP_TARGET and dense[p] <= DENSE_RATIO_TARGET for p in phases),
+    }
