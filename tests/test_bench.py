@@ -97,4 +97,5 @@ def test_apn_bench_reports_ratios_params_and_memory(tmp_path, monkeypatch):
     assert params["dense_4d_total"] == 2 * 16 * 64
     assert params["apn_active_per_token"] < params["apn_total"]
     routing = result["routing"]
-    assert routing["assignments"] == 256 * 2 and routing["capacity"] == routing["max_load"] >= 64
+    assert routing["assignments"] == 256 * 2 and routing["max_load"] >= 64
+    assert routing["buffer_rows"] % routing["tile_rows"] == 0 and routing["buffer_rows"] >= routing["assignments"]

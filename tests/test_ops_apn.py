@@ -18,6 +18,7 @@ from routemem.ops.apn import (
     route,
     routing_stats,
 )
+from routemem.ops.apn.grouped import patch_mixture_grouped
 
 
 def make_inputs(N, d, K, r, dtype=torch.float64, *, unbalanced=False):
@@ -219,16 +220,29 @@ def test_reference_is_the_formula():
 
 def test_group_by_patch_layout():
     indices = torch.tensor([[2, 0], [2, 1], [0, 2], [2, 2]])
-    order, patch, slot, capacity = group_by_patch(indices, 4)
+    order, slot, tile_patch = group_by_patch(indices, 4, tile=2)
     flat = indices.flatten()
-    counts = torch.bincount(flat, minlength=4)
-    assert capacity == int(counts.max()) == 5
-    assert torch.equal(patch, flat[order]) and bool((patch[1:] >= patch[:-1]).all())  # sorted by patch
-    assert torch.equal(slot // capacity, patch)  # each assignment sits in its own patch's block
-    assert slot.unique().numel() == flat.numel()  # no two assignments share a row
-    for i in range(4):  # patch i uses rows 0 .. count_i - 1 of its block
-        assert sorted((slot[patch == i] % capacity).tolist()) == list(range(int(counts[i])))
+    patch = flat[order]
+    assert bool((patch[1:] >= patch[:-1]).all())  # sorted by patch
     assert order.tolist()[:2] == [1, 4]  # stable: patch 0's assignments in token order
+    # counts (2, 1, 5, 0) -> tiles of 2 rows: patch 0 one, patch 1 one, patch 2 three, patch 3 none
+    assert tile_patch.tolist() == [0, 1, 2, 2, 2]
+    assert torch.equal(tile_patch[slot // 2], patch)  # every assignment sits in a tile of its patch
+    assert slot.unique().numel() == flat.numel()  # no two assignments share a row
+    assert sorted(slot[patch == 2].tolist()) == [4, 5, 6, 7, 8]  # patch 2 fills its tiles in order
+
+
+@pytest.mark.parametrize("tile", [1, 3, 8, 64])
+def test_grouped_equals_reference_for_any_tile_size(tile):
+    """Patches with several tiles, a partly filled last tile, and unused patches."""
+    x = make_inputs(120, 6, 5, 3, unbalanced=True)
+    routing = route(x["z"], x["prototypes"], 2, 0.1)
+    counts = torch.bincount(routing.indices.flatten(), minlength=5)
+    assert int(counts.max()) > 64 and int((counts == 0).sum()) >= 1  # the shapes this test is for
+    weights = routing.weights.detach()
+    ref = patch_mixture(x["z"], routing.indices, weights, x["V"], x["U"], x["a"], x["b"], mode="reference")
+    out = patch_mixture_grouped(x["z"], routing.indices, weights, x["V"], x["U"], x["a"], x["b"], tile=tile)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
 # --- gradcheck ------------------------------------------------------------------------------
@@ -447,8 +461,8 @@ def test_empty_input_grouped():
     for name in ("V", "U", "a", "b"):
         g = leaves[name].grad
         assert g is not None and torch.equal(g, torch.zeros_like(g)), name
-    order, patch, slot, capacity = group_by_patch(routing.indices, 3)
-    assert capacity == 0 and order.numel() == patch.numel() == slot.numel() == 0
+    order, slot, tile_patch = group_by_patch(routing.indices, 3)
+    assert order.numel() == slot.numel() == tile_patch.numel() == 0
     # reference mode returns the right (empty) shape as well
     ref = patch_mixture(x["z"], routing.indices, routing.weights.detach(), x["V"], x["U"], x["a"], x["b"],
                         mode="reference")

@@ -28,6 +28,7 @@ from routemem.layers.apn import AttractorPatchFFN
 from routemem.layers.ffn import DenseFFN
 from routemem.layers.registry import LayerSpec
 from routemem.ops.apn import patch_mixture, route
+from routemem.ops.apn.grouped import TILE
 
 TOKENS = 8192
 D = 128
@@ -174,16 +175,17 @@ def _routing_info(apn: AttractorPatchFFN, z: torch.Tensor) -> dict:
         indices = route(z, apn.prototypes, TOP_K, apn.tau).indices
     counts = torch.bincount(indices.flatten(), minlength=K).cpu()
     assignments = indices.numel()
-    capacity = int(counts.max())
+    rows = int(((counts + TILE - 1) // TILE).sum()) * TILE  # the grouped buffer: whole tiles per patch
     load = counts.double() / assignments
     return {
         "routing": "random prototypes, near-uniform load",
         "assignments": assignments,
         "mean_load": assignments / K,
-        "max_load": capacity,
+        "max_load": int(counts.max()),
         "min_load": int(counts.min()),
-        "capacity": capacity,  # the grouped buffer's rows per patch: the busiest patch's count
-        "padding_fraction": 1.0 - assignments / (K * capacity) if capacity else 0.0,
+        "tile_rows": TILE,
+        "buffer_rows": rows,
+        "padding_fraction": 1.0 - assignments / rows if rows else 0.0,
         "load_entropy": float(-(load * load.clamp_min(1e-12).log()).sum()),
         "max_load_entropy": math.log(K),
         "unused_patches": int((counts == 0).sum()),

@@ -55,7 +55,7 @@ class Setting:
     pretrain_steps: int = 2000
     pretrain_lr: float = 3e-3
     adapt_steps: int = 400
-    adapt_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3)
+    adapt_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     seeds: tuple[int, ...] = (0, 1, 2)
     curve_points: int = 8  # evaluations along the adaptation
     curve_tokens: int = 8192  # tokens per curve evaluation (each of A-test, B-test)

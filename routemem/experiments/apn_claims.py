@@ -13,7 +13,13 @@ computed by a written rule:
 
 from __future__ import annotations
 
-from routemem.experiments.common import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, directional_verdict, summarize
+from routemem.experiments.common import (
+    INCONCLUSIVE,
+    NOT_REPRODUCED,
+    REPRODUCED,
+    directional_verdict,
+    summarize,
+)
 
 NEAR_DENSE = 1.10  # "near-dense": within 10% of the dense model's perplexity (the paper's gap is 5.8%)
 OURS, BASELINE = "apn-patches", "dense-global"

@@ -23,9 +23,21 @@ from torch import nn
 
 from routemem.errors import ConfigError
 from routemem.layers.ffn import DenseFFN
-from routemem.layers.options import check_choice, check_fraction, check_int, check_positive
+from routemem.layers.options import (
+    check_choice,
+    check_fraction,
+    check_int,
+    check_positive,
+)
 from routemem.layers.registry import LayerSpec, register_ffn
-from routemem.ops.apn import MODES, load_balance_loss, patch_mixture, route, router_probs, routing_stats
+from routemem.ops.apn import (
+    MODES,
+    load_balance_loss,
+    patch_mixture,
+    route,
+    router_probs,
+    routing_stats,
+)
 
 PROTOTYPE_UPDATES = ("sgd", "ema")
 

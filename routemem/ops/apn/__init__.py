@@ -12,7 +12,12 @@ import torch
 from routemem.ops.apn.grouped import group_by_patch, patch_mixture_grouped
 from routemem.ops.apn.reference import patch_mixture_reference
 from routemem.ops.apn.routing import (
-    Routing, load_balance_loss, patch_load, route, router_probs, routing_stats,
+    Routing,
+    load_balance_loss,
+    patch_load,
+    route,
+    router_probs,
+    routing_stats,
 )
 from routemem.ops.checks import check_mode, expect_shape
 
