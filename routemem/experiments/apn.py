@@ -66,8 +66,8 @@ class Setting:
 
 
 FULL = Setting()
-QUICK = replace(FULL, d_model=64, batch_size=16, pretrain_steps=400, adapt_steps=120, adapt_lrs=(1e-3,),
-                seeds=(0,), curve_points=4, curve_tokens=4096, test_tokens=16384,
+QUICK = replace(FULL, d_model=64, batch_size=16, pretrain_steps=600, adapt_steps=150, adapt_lrs=(1e-3,),
+                seeds=(0, 1), curve_points=5, curve_tokens=4096, test_tokens=16384,
                 apn={"n_patches": 32, "rank": 8, "top_k": 4, "tau": 0.1, "load_balance": 0.01})
 
 
