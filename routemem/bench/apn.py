@@ -23,7 +23,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from routemem.bench.common import median_seconds
+from routemem.bench.common import median_seconds, saved_bytes
 from routemem.layers.apn import AttractorPatchFFN
 from routemem.layers.ffn import DenseFFN
 from routemem.layers.registry import LayerSpec
@@ -141,23 +141,9 @@ def _once(forward, x: torch.Tensor, params: list, backward: bool, grad: torch.Te
     return once
 
 
-def saved_bytes(forward, x: torch.Tensor, params: list) -> int:
-    """Bytes of distinct storages autograd keeps for backward during one forward (what peak
-    training memory grows with), the input and the parameters excluded."""
+def _saved(forward, x: torch.Tensor, params: list) -> int:
     leaf = x.detach().requires_grad_()
-    skip = {t.untyped_storage().data_ptr() for t in [leaf, *params]}
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in skip:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward(leaf)
-    del out
-    return sum(storages.values())
+    return saved_bytes(lambda: forward(leaf), [leaf, *params])
 
 
 def _cuda_peak(forward, x, params, grad) -> dict:  # pragma: no cover - exercised only on a GPU machine
@@ -214,7 +200,7 @@ def run(quick: bool = False) -> dict:
                "fwd_s": statistics.median(runs[name]["fwd"]),
                "fwd_bwd_s": statistics.median(runs[name]["fwd_bwd"]),
                "fwd_runs_s": runs[name]["fwd"], "fwd_bwd_runs_s": runs[name]["fwd_bwd"],
-               "saved_for_backward_bytes": saved_bytes(forward, z, params)}
+               "saved_for_backward_bytes": _saved(forward, z, params)}
         if device.type == "cuda":
             row.update(_cuda_peak(forward, z, params, grad))
         rows[name] = row

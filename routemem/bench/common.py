@@ -7,7 +7,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -41,6 +41,24 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> d
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return {"median_s": statistics.median(times), "runs_s": times}
+
+
+def saved_bytes(forward: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of distinct storages autograd keeps for backward while ``forward()`` runs (what
+    peak training memory grows with), the storages of ``exclude`` (inputs, parameters) left out."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(storages.values())
 
 
 def write_json(path: str | Path, obj: dict) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from routemem.bench.common import median_seconds
+from routemem.bench.common import median_seconds, saved_bytes
 from routemem.ops import gated_delta_rule, gated_linear_attention, metaplastic_attention
 from routemem.ops.metaplastic.chunk import metaplastic_chunk
 
@@ -56,23 +56,10 @@ def _callables(inputs: dict[str, torch.Tensor]) -> dict:
     }
 
 
-def saved_bytes(fn, inputs: dict[str, torch.Tensor]) -> int:
-    """Bytes of distinct storages autograd keeps for backward during one forward (what peak
-    training memory grows with), inputs excluded."""
+def saved_bytes_of(fn, inputs: dict[str, torch.Tensor]) -> int:
+    """Bytes autograd keeps for backward during one forward of ``fn``, inputs excluded."""
     leaves = {name: t.detach().requires_grad_() for name, t in inputs.items()}
-    input_ptrs = {t.untyped_storage().data_ptr() for t in leaves.values()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in input_ptrs:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(**leaves)
-    del out
-    return sum(storages.values())
+    return saved_bytes(lambda: fn(**leaves), leaves.values())
 
 
 def _time(fn, inputs: dict[str, torch.Tensor], backward: bool, repeats: int) -> float:
@@ -106,7 +93,7 @@ def run(quick: bool = False) -> dict:
             row = {"op": name, "T": T, **SHAPE,
                    "fwd_s": _time(fn, inputs, backward=False, repeats=reps),
                    "fwd_bwd_s": _time(fn, inputs, backward=True, repeats=reps),
-                   "saved_for_backward_bytes": saved_bytes(fn, inputs)}
+                   "saved_for_backward_bytes": saved_bytes_of(fn, inputs)}
             if torch.cuda.is_available():
                 row["cuda_peak_bytes"] = _cuda_peak(fn, inputs)
             rows.append(row)

@@ -31,7 +31,7 @@ import torch
 from routemem.data import ByteTokenizer, WindowSampler, load_corpus, load_splits
 from routemem.errors import ConfigError, DataError, TrainingDiverged
 from routemem.experiments import apn_claims, apn_report
-from routemem.experiments.common import env_header, write_outputs
+from routemem.experiments.common import best_per_seed, env_header, write_outputs
 from routemem.layers import AttractorPatchFFN, LayerSpec
 from routemem.layers.lora import LoRALinear, add_lora
 from routemem.models import LMConfig, TransformerLM
@@ -257,17 +257,6 @@ def adapt(base: TransformerLM, arm: str, lr: float, seed: int, domains: dict, se
             "curve": curve, "seconds": time.perf_counter() - start}
 
 
-def best_per_seed(runs: list[dict], setting: Setting) -> dict[str, list[dict]]:
-    """For each arm and seed, the adaptation run with the lowest B-validation perplexity."""
-    chosen: dict[str, list[dict]] = {arm: [] for arm in setting.arms}
-    for arm in setting.arms:
-        for seed in setting.seeds:
-            done = [r for r in runs if r["arm"] == arm and r["seed"] == seed and "val" in r]
-            if done:
-                chosen[arm].append(min(done, key=lambda r: r["val"]["b_val_ppl"]))
-    return chosen
-
-
 def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Setting | None = None,
         pair: str | None = None) -> dict:
     """Writes OUT/apn/{results.json, report.md, forgetting_curves.png, patch_usage.png}."""
@@ -285,7 +274,8 @@ def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Se
         for arm in setting.arms:
             model, before = bases[arm.split("-")[0]]
             runs += [adapt(model, arm, lr, seed, domains, setting, before) for lr in setting.adapt_lrs]
-    chosen = best_per_seed([r for r in runs if not r["arm"].startswith("pretrain")], setting)
+    # per arm and seed, the learning rate with the best B-validation perplexity
+    chosen = best_per_seed(runs, setting.arms, setting.seeds, lambda r: r["val"]["b_val_ppl"], higher_is_better=False)
     results = {
         "study": "apn",
         "mode": "quick" if setting == QUICK else "full" if setting == FULL else "custom",

@@ -8,6 +8,7 @@ import math
 import platform
 import statistics
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -53,6 +54,20 @@ def combine_verdicts(verdicts: list[str]) -> str:
     if verdicts and all(v == REPRODUCED for v in verdicts):
         return REPRODUCED
     return INCONCLUSIVE
+
+
+def best_per_seed(runs: list[dict], arms, seeds, score: Callable[[dict], float],
+                  higher_is_better: bool = True) -> dict[str, list[dict]]:
+    """For each arm and seed, the run with the best validation ``score(run)`` among those that
+    finished (have a "val" entry): the learning-rate choice of a grid search."""
+    pick = max if higher_is_better else min
+    chosen: dict[str, list[dict]] = {arm: [] for arm in arms}
+    for arm in arms:
+        for seed in seeds:
+            done = [r for r in runs if r["arm"] == arm and r["seed"] == seed and "val" in r]
+            if done:
+                chosen[arm].append(pick(done, key=score))
+    return chosen
 
 
 def write_outputs(study_dir: Path, results: dict, report: str) -> None:

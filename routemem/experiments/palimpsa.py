@@ -28,7 +28,12 @@ from routemem.data.mqar import multiquery_ar, multiquery_ar_overwrite, recall_ac
 from routemem.errors import TrainingDiverged
 from routemem.experiments import palimpsa_checks, palimpsa_report
 from routemem.experiments.common import (
-    combine_verdicts, directional_verdict, env_header, summarize, write_outputs,
+    best_per_seed,
+    combine_verdicts,
+    directional_verdict,
+    env_header,
+    summarize,
+    write_outputs,
 )
 from routemem.models import LMConfig, TransformerLM
 from routemem.train.config import TrainConfig
@@ -156,17 +161,6 @@ def train_one(setting: Setting, mixer: str, lr: float, seed: int) -> dict:
     return run
 
 
-def best_per_seed(runs: list[dict], setting: Setting) -> dict[str, list[dict]]:
-    """For each mixer and seed, the run whose learning rate scored best on validation."""
-    chosen: dict[str, list[dict]] = {m: [] for m in setting.mixers}
-    for mixer in setting.mixers:
-        for seed in setting.seeds:
-            done = [r for r in runs if r["arm"] == mixer and r["seed"] == seed and "val" in r]
-            if done:
-                chosen[mixer].append(max(done, key=lambda r: r["val"]["grid_mean"]))
-    return chosen
-
-
 def claims(setting: Setting, chosen: dict[str, list[dict]], checks: dict) -> list[dict]:
     hard = "acc_L{}_kv{}".format(*setting.hardest)
 
@@ -205,7 +199,7 @@ def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Se
     started = time.perf_counter()
     runs = [train_one(setting, mixer, lr, seed)
             for seed in setting.seeds for mixer in setting.mixers for lr in setting.lrs]
-    chosen = best_per_seed(runs, setting)
+    chosen = best_per_seed(runs, setting.mixers, setting.seeds, lambda r: r["val"]["grid_mean"])  # best LR
     results = {
         "study": "palimpsa",
         "mode": "quick" if quick else "full",
