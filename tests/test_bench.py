@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from routemem.bench import run_suite
 from routemem.bench import train as train_bench
 
@@ -66,8 +68,8 @@ def test_apn_bench_reports_ratios_params_and_memory(tmp_path, monkeypatch):
     result = run_suite("apn", quick=True, out=str(tmp_path / "b.json"))
     assert json.loads((tmp_path / "b.json").read_text()) == json.loads(json.dumps(result))
     variants = result["variants"]
-    assert {"apn_grouped", "apn_reference", "dense_same_params", "dense_4d",
-            "op_grouped", "op_reference"} == set(variants)
+    assert {"apn_grouped", "apn_reference", "dense_same_params", "dense_4d", "op_grouped", "op_reference",
+            "op_grouped_skewed", "op_reference_skewed"} == set(variants)
     for row in variants.values():
         assert row["fwd_s"] > 0 and row["fwd_bwd_s"] > 0 and row["saved_for_backward_bytes"] > 0
         assert len(row["fwd_runs_s"]) == len(row["fwd_bwd_runs_s"]) >= 1
@@ -98,4 +100,6 @@ def test_apn_bench_reports_ratios_params_and_memory(tmp_path, monkeypatch):
     assert params["apn_active_per_token"] < params["apn_total"]
     routing = result["routing"]
     assert routing["assignments"] == 256 * 2 and routing["max_load"] >= 64
+    skewed = torch.bincount(apn_bench.skewed_indices(torch.device("cpu")).flatten(), minlength=8)
+    assert skewed.max() / skewed.float().mean() > 1.5 and skewed.sum() == 256 * 2
     assert routing["buffer_rows"] % routing["tile_rows"] == 0 and routing["buffer_rows"] >= routing["assignments"]

@@ -39,6 +39,7 @@ TAU = 0.1
 LOAD_BALANCE = 0.01  # the layer's default aux-loss weight
 SPEEDUP_TARGET = 5.0  # reference time / grouped time, at least
 DENSE_RATIO_TARGET = 1.5  # grouped time / same-parameter dense FFN time, at most
+SKEW_MAX_LOAD = 3.0  # the skewed-routing variant: busiest patch's expected load / mean load
 # Timing: ROUNDS rounds, each timing every variant in turn (so drift in machine load hits all of
 # them alike), REPEATS timed calls per variant per round after one warm-up; the median is over
 # all rounds' runs. The reference is slow, so it gets fewer repeats.
@@ -81,6 +82,19 @@ def _build(device: torch.device) -> dict:
     return modules
 
 
+def skewed_indices(device: torch.device, seed: int = SEED) -> torch.Tensor:
+    """[TOKENS, TOP_K] distinct patches per token, drawn with probabilities falling geometrically
+    from patch 0 to patch K-1, the fall chosen so patch 0 expects SKEW_MAX_LOAD x the mean load."""
+    # p_i proportional to q^i with p_0 = SKEW_MAX_LOAD / K, i.e. sum_{i<K} q^i = K / SKEW_MAX_LOAD
+    target, low, high = K / SKEW_MAX_LOAD, 0.0, 1.0
+    for _ in range(60):  # bisection: the sum grows with q
+        q = (low + high) / 2
+        low, high = (q, high) if (1 - q**K) / (1 - q) < target else (low, q)
+    probs = q ** torch.arange(K, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    return torch.multinomial(probs.expand(TOKENS, K), TOP_K, generator=g).to(device)
+
+
 def _variants(modules: dict, z: torch.Tensor) -> dict:
     """name -> (description, forward(x) -> (out, aux loss or None), parameters to clear, repeats key)."""
 
@@ -97,9 +111,11 @@ def _variants(modules: dict, z: torch.Tensor) -> dict:
     weights = routing.weights.detach().requires_grad_()
     op_params = [apn.code, apn.up, apn.gate_scale, apn.gate_bias]
 
-    def op(mode):
+    skewed = skewed_indices(z.device)
+
+    def op(mode, idx=indices):
         def forward(x):
-            return patch_mixture(x, indices, weights, *op_params, mode=mode), None
+            return patch_mixture(x, idx, weights, *op_params, mode=mode), None
         return forward
 
     apn_params = list(apn.parameters())
@@ -117,6 +133,11 @@ def _variants(modules: dict, z: torch.Tensor) -> dict:
                        op("grouped"), op_params + [weights], "repeats"),
         "op_reference": ("patch_mixture only, mode=reference, on a fixed routing",
                          op("reference"), op_params + [weights], "reference"),
+        "op_grouped_skewed": (f"patch_mixture only, mode=grouped, skewed routing (busiest patch {SKEW_MAX_LOAD:g}x "
+                              "the mean load, as in early training)", op("grouped", skewed), op_params + [weights],
+                              "repeats"),
+        "op_reference_skewed": ("patch_mixture only, mode=reference, the same skewed routing",
+                                op("reference", skewed), op_params + [weights], "reference"),
     }
 
 
@@ -249,6 +270,7 @@ def _summary(rows: dict) -> dict:
         "informational_ratios": {  # outside the targets
             "grouped_over_dense_4d": {p: ratio("apn_grouped", "dense_4d", p) for p in phases},
             "layer_speedup_reference_over_grouped": {p: ratio("apn_reference", "apn_grouped", p) for p in phases},
+            "op_speedup_skewed_routing": {p: ratio("op_reference_skewed", "op_grouped_skewed", p) for p in phases},
         },
         "all_targets_met": all(speedup[p] >= SPEEDUP_TARGET and dense[p] <= DENSE_RATIO_TARGET for p in phases),
     }
