@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from routemem.cli import main
-from routemem.experiments import apn, apn_claims
+from routemem.experiments import apn, apn_claims, apn_report
 from routemem.experiments.common import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 from routemem.layers.lora import LoRALinear, add_lora
 from routemem.models import TransformerLM
@@ -150,7 +150,7 @@ def test_tiny_study_end_to_end(tmp_path):
     results = apn.run(tmp_path, setting=TINY, pair="pydocs:pycode")
     study = tmp_path / "apn"
     assert {p.name for p in study.iterdir()} == {"results.json", "report.md", "forgetting_curves.png",
-                                                 "patch_usage.png"}
+                                                 "patch_usage.png", "tradeoff.png"}
     saved = json.loads((study / "results.json").read_text())
     assert saved["study"] == "apn" and saved["mode"] == "custom"
     assert saved["data"] == {**saved["data"], "train": "pydocs", "shift": "pycode", "tokenizer": "bytes"}
@@ -165,6 +165,21 @@ def test_tiny_study_end_to_end(tmp_path):
     assert all(sum(layer) == pytest.approx(1.0) for u in usage for layer in u["A"] + u["B"])
     report = (study / "report.md").read_text()
     assert "## Claims" in report and "apn-patches" in report and "dense-lora" in report
+    assert "Retention against adaptation" in report
+
+
+def test_dominated_finds_rates_better_on_both_domains():
+    def run(arm, seed, lr, a, b):
+        return {"arm": arm, "seed": seed, "lr": lr, "metrics": {"a_test_ppl": a, "b_test_ppl": b}}
+
+    ours = [run("apn-patches", 0, 3e-3, 8.0, 5.0), run("apn-patches", 1, 3e-3, 8.0, 5.0)]
+    runs = ours + [run("dense-global", 0, 3e-4, 7.9, 4.9), run("dense-global", 0, 3e-3, 11.0, 4.0),
+                   run("dense-global", 1, 3e-4, 8.1, 4.9), run("dense-global", 1, 3e-3, 11.0, 4.0)]
+    lines = apn_report.dominated({"runs": runs}, {"apn-patches": ours})
+    assert lines == ["seed 0: dense-global at lr 0.0003 beats apn-patches (lr 0.003) on both",
+                     "seed 1: no dense-global rate beats apn-patches (lr 0.003) on both"]
+    means = apn_report.by_rate({"runs": runs})
+    assert means["dense-global"][3e-4] == {"a": pytest.approx(8.0), "b": pytest.approx(4.9)}
 
 
 def test_default_pair_without_data_is_builtin(monkeypatch, tmp_path):

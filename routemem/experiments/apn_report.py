@@ -28,6 +28,35 @@ def _claim_row(claim: dict) -> list:
             f"({_cell_stats(measured['ratio'])}x)", claim["verdict"], claim["why"]]
 
 
+def by_rate(results: dict) -> dict[str, dict[float, dict]]:
+    """arm -> lr -> mean over seeds of A-test and B-test perplexity after adapting (finished runs)."""
+    table: dict[str, dict[float, dict]] = {}
+    for r in results["runs"]:
+        if r["arm"].startswith("pretrain") or "metrics" not in r:
+            continue
+        cell = table.setdefault(r["arm"], {}).setdefault(r["lr"], {"a": [], "b": []})
+        cell["a"].append(r["metrics"]["a_test_ppl"])
+        cell["b"].append(r["metrics"]["b_test_ppl"])
+    return {arm: {lr: {k: float(np.mean(v)) for k, v in cell.items()} for lr, cell in sorted(rates.items())}
+            for arm, rates in table.items()}
+
+
+def dominated(results: dict, chosen: dict[str, list[dict]], ours: str = "apn-patches",
+              other: str = "dense-global") -> list[str]:
+    """Per seed: the rates at which ``other`` was at least as good as ``ours``' chosen run on both
+    A-test and B-test (the choice by B-validation trades retention for adaptation differently
+    for different arms; this shows whether ours wins at any trade-off or only at the chosen one)."""
+    lines = []
+    for mine in chosen.get(ours, []):
+        better = [r["lr"] for r in results["runs"] if r["arm"] == other and r["seed"] == mine["seed"]
+                  and "metrics" in r and r["metrics"]["a_test_ppl"] <= mine["metrics"]["a_test_ppl"]
+                  and r["metrics"]["b_test_ppl"] <= mine["metrics"]["b_test_ppl"]]
+        lines.append(f"seed {mine['seed']}: {other} at lr " + ", ".join(f"{lr:g}" for lr in better)
+                     + f" beats {ours} (lr {mine['lr']:g}) on both" if better else
+                     f"seed {mine['seed']}: no {other} rate beats {ours} (lr {mine['lr']:g}) on both")
+    return lines
+
+
 def report(results: dict, setting, chosen: dict[str, list[dict]]) -> str:
     a, b = results["data"]["train"], results["data"]["shift"]
     stage1 = []
@@ -80,11 +109,24 @@ def report(results: dict, setting, chosen: dict[str, list[dict]]) -> str:
                         f"{a} ppl after", f"{b} ppl before", f"{b} ppl after"], stage2),
         "",
         "Params changed: fraction of the pretrained model's parameters whose value moved (LoRA folded "
-        "into the weights it adapts). Patches changed: fraction of patches whose U_i moved.",
+        "into the weights it adapts). Patches changed: fraction of patches whose U_i moved. `forgetting_curves.png` scores "
+        f"the first {setting.curve_tokens} tokens of each test split {setting.curve_points} times along the "
+        f"adaptation (its step 0 is therefore not the 'before' column, which uses up to {setting.test_tokens}).",
         "",
         f"Patch usage overlap between {a} and {b} (sum over patches of min(share on A, share on B), per "
         f"layer, mean over seeds): " + (", ".join(f"layer {i}: {v:.3f}" for i, v in enumerate(np.mean(usage, 0)))
                                        if usage else "-"),
+        "",
+        "## Retention against adaptation, every learning rate (mean over seeds)",
+        "",
+        "Choosing each arm's rate by B-validation picks its best adaptation, which for some arms costs "
+        "more forgetting than for others. This table and `tradeoff.png` show every rate.",
+        "",
+        markdown_table(["arm", *[f"lr {lr:g}: {a} / {b} ppl" for lr in setting.adapt_lrs]],
+                       [[arm, *[f"{rates[lr]['a']:.2f} / {rates[lr]['b']:.2f}" if lr in rates else "-"
+                                for lr in setting.adapt_lrs]] for arm, rates in by_rate(results).items()]),
+        "",
+        *[f"- {line}" for line in dominated(results, chosen)],
         "",
         "## Every run",
         "",
@@ -120,6 +162,18 @@ def plots(study_dir: Path, results: dict, setting, chosen: dict[str, list[dict]]
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(study_dir / "forgetting_curves.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for arm, rates in by_rate(results).items():
+        lrs = sorted(rates)
+        ax.plot([rates[lr]["b"] for lr in lrs], [rates[lr]["a"] for lr in lrs], marker="o", label=arm)
+        ax.annotate(f"{lrs[-1]:g}", (rates[lrs[-1]]["b"], rates[lrs[-1]]["a"]), fontsize=6)
+    ax.set(xlabel=f"{b} test perplexity (adaptation)", ylabel=f"{a} test perplexity (retention)",
+           title="after adapting, one point per learning rate")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(study_dir / "tradeoff.png", dpi=120)
     plt.close(fig)
 
     pretrained = _pretrained(results, "apn")
