@@ -166,6 +166,8 @@ def test_tiny_study_end_to_end(tmp_path):
     report = (study / "report.md").read_text()
     assert "## Claims" in report and "apn-patches" in report and "dense-lora" in report
     assert "Retention against adaptation" in report
+    assert set(saved["tradeoff"]["mean_ppl_by_arm_and_lr"]) == set(TINY.arms)
+    assert len(saved["tradeoff"]["apn_patches_vs_dense_global"]) == len(TINY.seeds)
 
 
 def test_dominated_finds_rates_better_on_both_domains():

@@ -286,6 +286,8 @@ def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Se
         "runs": runs,
         "seconds": time.perf_counter() - started,
     }
+    results["tradeoff"] = {"mean_ppl_by_arm_and_lr": apn_report.by_rate(results),
+                           "apn_patches_vs_dense_global": apn_report.dominated(results, chosen)}
     study_dir = Path(out) / "apn"
     write_outputs(study_dir, results, apn_report.report(results, setting, chosen))
     apn_report.plots(study_dir, results, setting, chosen)
