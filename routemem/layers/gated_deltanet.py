@@ -15,7 +15,7 @@ from torch import nn
 
 from routemem.layers.options import check_int, check_mode
 from routemem.layers.recurrent_parts import (
-    GatedRMSNorm, RecurrentMixer, ShortConv, full_precision, head_dim, init_A_log, init_dt_bias, l2norm, op_dtype,
+    GatedRMSNorm, RecurrentMixer, ShortConv, full_precision, head_dim, l2norm, op_dtype,
 )
 from routemem.layers.registry import LayerSpec, register_mixer
 from routemem.ops import gated_delta_rule
@@ -50,11 +50,6 @@ class GatedDeltaNetMixer(RecurrentMixer):
         self.norm = GatedRMSNorm(dv, norm_before_gate=True)
         self.out_proj = nn.Linear(H * dv, D, bias=False)  # last Linear: the model's zero/scaled init finds it
         self._init_weights()
-
-    @torch.no_grad()
-    def _init_weights(self) -> None:
-        init_A_log(self.A_log)
-        init_dt_bias(self.dt_bias)
 
     def _run(self, x: torch.Tensor, state: dict | None, mode: str):
         B, T, _ = x.shape

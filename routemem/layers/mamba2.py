@@ -21,7 +21,7 @@ from torch import nn
 from routemem.errors import ConfigError
 from routemem.layers.options import check_int, check_mode, check_positive
 from routemem.layers.recurrent_parts import (
-    GatedRMSNorm, RecurrentMixer, ShortConv, full_precision, init_A_log, init_dt_bias, inverse_softplus, op_dtype,
+    GatedRMSNorm, RecurrentMixer, ShortConv, full_precision, op_dtype,
 )
 from routemem.layers.registry import LayerSpec, register_mixer
 from routemem.ops import gated_linear_attention, metaplastic_attention
@@ -73,14 +73,6 @@ class Mamba2Mixer(RecurrentMixer):
         # registered last: the model's zero/scaled init of the branch's last Linear finds it
         self.out_proj = nn.Linear(self.d_inner, D, bias=False)
         self._init_weights()
-
-    @torch.no_grad()
-    def _init_weights(self) -> None:
-        init_A_log(self.A_log)
-        init_dt_bias(self.dt_bias)
-        self.D.fill_(1.0)
-        if self.metaplastic:
-            self.b_scale.fill_(float(inverse_softplus(1.0)))  # softplus(b_scale) = 1 at init
 
     # -- the mixer ------------------------------------------------------------------------------
     def _run(self, x: torch.Tensor, state: dict | None, mode: str):

@@ -22,7 +22,7 @@ from torch import nn
 from routemem.errors import ConfigError
 from routemem.layers.options import check_int, check_mode, check_positive
 from routemem.layers.recurrent_parts import (
-    GatedRMSNorm, RecurrentMixer, ShortConv, full_precision, head_dim, init_A_log, init_dt_bias, inverse_softplus, l2norm, op_dtype,
+    GatedRMSNorm, RecurrentMixer, ShortConv, full_precision, head_dim, l2norm, op_dtype,
 )
 from routemem.layers.registry import LayerSpec, register_mixer
 from routemem.ops import gated_linear_attention, metaplastic_attention
@@ -72,14 +72,6 @@ class PalimpsaMixer(RecurrentMixer):
         self.norm = GatedRMSNorm(dv, norm_before_gate=True)
         self.out_proj = nn.Linear(H * dv, D, bias=False)  # last Linear: the model's zero/scaled init finds it
         self._init_weights()
-
-    @torch.no_grad()
-    def _init_weights(self) -> None:
-        init_A_log(self.A_log)
-        init_dt_bias(self.dt_bias)
-        self.D.fill_(1.0)
-        if self.metaplastic:
-            self.b_scale.fill_(float(inverse_softplus(1.0)))  # softplus(b_scale) = 1 at init
 
     # -- the mixer ------------------------------------------------------------------------------
     def _run(self, x: torch.Tensor, state: dict | None, mode: str):

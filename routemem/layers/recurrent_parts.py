@@ -148,6 +148,17 @@ class RecurrentMixer(nn.Module):
 
     metaplastic = False
 
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """Mamba2's decay init (``A_log``, ``dt_bias``); the ``D`` skip at 1 and softplus(``b_scale``)
+        = 1 for the mixers that have them."""
+        init_A_log(self.A_log)
+        init_dt_bias(self.dt_bias)
+        if getattr(self, "D", None) is not None:
+            self.D.fill_(1.0)
+        if getattr(self, "b_scale", None) is not None:
+            self.b_scale.fill_(float(inverse_softplus(1.0)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, None, self.mode)[0]
 
