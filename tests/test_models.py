@@ -107,6 +107,16 @@ def assert_causal(model: TransformerLM, label: str) -> None:
             torch.testing.assert_close(out[1], base[1], rtol=0, atol=1e-12)  # batch rows independent
 
 
+def assert_steps_match(model: TransformerLM, idx: torch.Tensor, parallel: torch.Tensor) -> None:
+    """Decoding ``idx`` token by token with ``step`` gives the parallel forward's logits."""
+    cache, steps = None, []
+    for t in range(idx.shape[1]):
+        logits, cache = model.step(idx[:, t], cache)
+        assert logits.shape == (idx.shape[0], V) and cache["pos"] == t + 1
+        steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, dim=1), parallel, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("pos", POSITIONS)
 @pytest.mark.parametrize("mixer", MIXER_NAMES)
 def test_causality(mixer, pos):
@@ -125,12 +135,7 @@ def test_step_equals_parallel(mixer, mixer_kwargs, pos):
     idx = tokens(2, S)  # the full context, > any window
     with torch.no_grad():
         parallel = model(idx)
-    cache, steps = None, []
-    for t in range(S):
-        logits, cache = model.step(idx[:, t], cache)
-        assert logits.shape == (2, V) and cache["pos"] == t + 1
-        steps.append(logits)
-    torch.testing.assert_close(torch.stack(steps, dim=1), parallel, rtol=1e-5, atol=1e-5)
+    assert_steps_match(model, idx, parallel)
 
 
 # --- causality and step decoding: every registered FFN ---------------------------------------
@@ -158,12 +163,7 @@ def test_step_equals_parallel_every_ffn(ffn, ffn_kwargs):
         if ffn != "none":  # the FFN branch contributes, so a step that skipped it would show
             x = torch.randn(2, 5, D, dtype=torch.float64)
             assert model.blocks[0].ffn(x).abs().max() > 0
-    cache, steps = None, []
-    for t in range(S):
-        logits, cache = model.step(idx[:, t], cache)
-        assert logits.shape == (2, V) and cache["pos"] == t + 1
-        steps.append(logits)
-    torch.testing.assert_close(torch.stack(steps, dim=1), parallel, rtol=1e-5, atol=1e-5)
+    assert_steps_match(model, idx, parallel)
 
 
 @pytest.mark.parametrize("mixer", MIXER_NAMES)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from op_checks import assert_close_scaled, outputs_and_grads
 from routemem.ops import gated_delta_rule as gdr
 from routemem.ops import gated_linear_attention as gla
 
@@ -27,32 +28,10 @@ def make_inputs(T, *, min_log_alpha=-0.5, beta_low=0.0, with_state=True, dtype=t
 
 
 def run_with_grads(mode, inputs, chunk_size):
-    """Forward in ``mode``, then backward with fixed random cotangents on o and the final state.
-    Returns {name: tensor} for o, the final state and the gradient of every input."""
-    leaves = {n: t.detach().clone().requires_grad_()
-              for n, t in zip(NAMES, inputs) if t is not None}
-    o, final = gdr(leaves["q"], leaves["k"], leaves["v"], leaves["beta"], leaves["log_alpha"],
-                   initial_state=leaves.get("initial_state"), output_final_state=True,
-                   mode=mode, chunk_size=chunk_size)
-    gen = torch.Generator().manual_seed(1)
-
-    def cotangent(t):  # drawn in float64: the same cotangents whatever the dtype
-        return torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
-
-    ((o * cotangent(o)).sum() + (final * cotangent(final)).sum()).backward()
-    out = {"o": o.detach(), "final_state": final.detach()}
-    out.update({f"grad {n}": t.grad for n, t in leaves.items()})
-    return out
-
-
-def assert_close_scaled(actual: dict, expected: dict, rtol: float) -> None:
-    """Max abs error of each tensor within rtol of that tensor's own scale (its max abs)."""
-    assert actual.keys() == expected.keys()
-    for name, want in expected.items():
-        got = actual[name]
-        assert got is not None and torch.isfinite(got).all(), name
-        err = (got - want).abs().max().item()
-        assert err <= rtol * max(want.abs().max().item(), 1e-6), f"{name}: max error {err:.3g}"
+    """o, the final state and the gradient of every input, in ``mode``."""
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in zip(NAMES, inputs) if t is not None}
+    return outputs_and_grads(lambda **x: gdr(**x, output_final_state=True, mode=mode, chunk_size=chunk_size),
+                             leaves)
 
 
 @pytest.mark.parametrize("T", [1, 7, 64, 100])

@@ -6,6 +6,7 @@ and the return convention."""
 import pytest
 import torch
 
+from op_checks import assert_close_scaled, outputs_and_grads
 from routemem.ops import gated_linear_attention as gla
 
 B, H, DK, DV = 2, 2, 8, 6
@@ -21,32 +22,11 @@ def make_inputs(T, *, min_log_alpha=-0.5, with_state=True, dtype=torch.float32):
 
 
 def run_with_grads(mode, q, k, v, log_alpha, state, chunk_size):
-    """Forward in ``mode``, then backward with fixed random cotangents on o and the final state.
-    Returns {name: tensor} for o, the final state and the gradient of every input."""
+    """o, the final state and the gradient of every input, in ``mode``."""
     inputs = {"q": q, "k": k, "v": v, "log_alpha": log_alpha, "initial_state": state}
     leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items() if t is not None}
-    o, final = gla(leaves["q"], leaves["k"], leaves["v"], leaves["log_alpha"],
-                   initial_state=leaves.get("initial_state"), output_final_state=True,
-                   mode=mode, chunk_size=chunk_size)
-    gen = torch.Generator().manual_seed(1)
-
-    def cotangent(t):  # drawn in float64: the same cotangents whatever the dtype
-        return torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
-
-    ((o * cotangent(o)).sum() + (final * cotangent(final)).sum()).backward()
-    out = {"o": o.detach(), "final_state": final.detach()}
-    out.update({f"grad {n}": t.grad for n, t in leaves.items()})
-    return out
-
-
-def assert_close_scaled(actual: dict, expected: dict, rtol: float) -> None:
-    """Max abs error of each tensor within rtol of that tensor's own scale (its max abs)."""
-    assert actual.keys() == expected.keys()
-    for name, want in expected.items():
-        got = actual[name]
-        assert got is not None and torch.isfinite(got).all(), name
-        err = (got - want).abs().max().item()
-        assert err <= rtol * max(want.abs().max().item(), 1e-6), f"{name}: max error {err:.3g}"
+    return outputs_and_grads(lambda **x: gla(**x, output_final_state=True, mode=mode, chunk_size=chunk_size),
+                             leaves)
 
 
 @pytest.mark.parametrize("T", [1, 7, 64, 100])
