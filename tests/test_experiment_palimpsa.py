@@ -85,3 +85,31 @@ def test_cli_reproduce_palimpsa_quick(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(palimpsa, "QUICK", replace(TINY, mixers=("attention", "gla"), lrs=(1e-3,), seeds=(0,)))
     assert main(["reproduce", "palimpsa", "--quick", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "palimpsa" / "results.json").exists()
+
+
+def test_an_interrupted_study_resumes_from_its_finished_runs(tmp_path, monkeypatch):
+    setting = replace(TINY, mixers=("attention", "gla"), lrs=(1e-3,), seeds=(0,))
+    trained = []
+    real_train_one = palimpsa.train_one
+
+    def counting_train_one(setting, mixer, lr, seed):
+        trained.append(mixer)
+        if mixer == "gla" and len(trained) == 2:
+            raise KeyboardInterrupt  # the first invocation dies in its second run
+        return real_train_one(setting, mixer, lr, seed)
+
+    monkeypatch.setattr(palimpsa, "train_one", counting_train_one)
+    with pytest.raises(KeyboardInterrupt):
+        palimpsa.run(out=tmp_path, quick=True, setting=setting)
+    assert sorted(p.name for p in (tmp_path / "palimpsa" / "runs").iterdir()) == ["attention-lr0.001-seed0.json"]
+
+    first = palimpsa.run(out=tmp_path, quick=True, setting=setting)  # resumes: trains gla only
+    assert trained == ["attention", "gla", "gla"] and first["runs_reused"] == 1
+
+    again = palimpsa.run(out=tmp_path, quick=True, setting=setting)  # everything cached
+    assert trained == ["attention", "gla", "gla"] and again["runs_reused"] == 2
+    assert again["runs"] == json.loads(json.dumps(first["runs"]))
+
+    longer = replace(setting, steps=setting.steps + 1)  # another setting: nothing is reused
+    assert palimpsa.run(out=tmp_path, quick=True, setting=longer)["runs_reused"] == 0
+    assert trained[3:] == ["attention", "gla"]

@@ -1,5 +1,6 @@
 """What every study shares: the environment header, mean/std summaries, the verdict rule for a
-directional claim, and writing results.json / report.md atomically (DESIGN.md's results format)."""
+directional claim, writing results.json / report.md atomically (DESIGN.md's results format), and
+the per-run cache that lets a long study resume after an interruption."""
 
 from __future__ import annotations
 
@@ -74,6 +75,33 @@ def write_outputs(study_dir: Path, results: dict, report: str) -> None:
     study_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(study_dir / "results.json", json.dumps(results, indent=2, default=_jsonable))
     write_text_atomic(study_dir / "report.md", report)
+
+
+class RunCache:
+    """Finished runs of a study, one JSON file per run under ``folder``, so that an interrupted
+    study resumes where it stopped instead of starting over (the full studies take hours on a CPU).
+
+    A file is reused only if it was written for the same ``setting`` (any JSON-able description of
+    everything that sizes the run); otherwise the run is trained again and the file replaced."""
+
+    def __init__(self, folder: Path, setting: dict):
+        self.folder = Path(folder)
+        self.setting = json.loads(json.dumps(setting, default=_jsonable))  # tuples -> lists
+        self.reused = 0
+
+    def get_or_run(self, name: str, train: Callable[[], dict]) -> dict:
+        path = self.folder / f"{name}.json"
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("setting") == self.setting:
+                self.reused += 1
+                return cached["run"]
+        except (OSError, ValueError, AttributeError, KeyError):
+            pass  # missing or unreadable: train it
+        run = train()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps({"setting": self.setting, "run": run}, default=_jsonable))
+        return run
 
 
 def _jsonable(value):

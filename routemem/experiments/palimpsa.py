@@ -28,6 +28,7 @@ from routemem.data.mqar import multiquery_ar, multiquery_ar_overwrite, recall_ac
 from routemem.errors import TrainingDiverged
 from routemem.experiments import palimpsa_checks, palimpsa_report
 from routemem.experiments.common import (
+    RunCache,
     best_per_seed,
     combine_verdicts,
     directional_verdict,
@@ -193,11 +194,13 @@ def claims(setting: Setting, chosen: dict[str, list[dict]], checks: dict) -> lis
 
 def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Setting | None = None) -> dict:
     """``routemem reproduce palimpsa [--quick]``: writes OUT/palimpsa/{results.json, report.md, *.png}.
-    MQAR is synthetic, so ``data_dir`` is unused."""
+    Each finished run is kept in OUT/palimpsa/runs/, so running the same command again after an
+    interruption resumes. MQAR is synthetic, so ``data_dir`` is unused."""
     setting = setting or (QUICK if quick else FULL)
     study_dir = Path(out) / "palimpsa"
     started = time.perf_counter()
-    runs = [train_one(setting, mixer, lr, seed)
+    cache = RunCache(study_dir / "runs", asdict(setting))
+    runs = [cache.get_or_run(f"{mixer}-lr{lr:g}-seed{seed}", lambda: train_one(setting, mixer, lr, seed))
             for seed in setting.seeds for mixer in setting.mixers for lr in setting.lrs]
     chosen = best_per_seed(runs, setting.mixers, setting.seeds, lambda r: r["val"]["grid_mean"])  # best LR
     results = {
@@ -207,6 +210,7 @@ def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Se
         "data": {"train": "mqar (synthetic)", "setting": asdict(setting)},
         "claims": claims(setting, chosen, palimpsa_checks.special_case_claim()),
         "runs": runs,
+        "runs_reused": cache.reused,  # finished in an earlier, interrupted invocation
         "seconds": time.perf_counter() - started,
     }
     write_outputs(study_dir, results, palimpsa_report.report(results, setting, chosen))
