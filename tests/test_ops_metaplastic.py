@@ -205,7 +205,7 @@ def _bad_inputs():
         ("i_prior must be > 0", ok, dict(i_prior=torch.tensor([1.0, -1.0]))),
         ("i_prior has shape", ok, dict(i_prior=torch.ones(3))),
         ("k has dtype", dict(ok, k=k.double()), {}),
-        ("mode", ok, dict(mode="fused")),
+        ("mode", ok, dict(mode="turbo")),
         ("chunk_size", ok, dict(chunk_size=0)),
         ("chunk_size", ok, dict(chunk_size=2.5)),
     ]

@@ -34,7 +34,7 @@ class Mamba2Mixer(RecurrentMixer):
     """Options: ``expand`` (d_inner = expand * d_model), ``d_state`` (N), ``mode``/``chunk_size``
     (passed to the op), ``conv_width``; metaplastic only: ``beta_rank`` (16), ``i_prior`` (1.0)."""
 
-    def __init__(self, spec: LayerSpec, expand: int = 2, d_state: int = 16, mode: str = "chunk",
+    def __init__(self, spec: LayerSpec, expand: int = 2, d_state: int = 16, mode: str = "auto",
                  chunk_size: int = 64, conv_width: int = 4, metaplastic: bool = False,
                  beta_rank: int | None = None, i_prior: float | None = None):
         super().__init__()
@@ -108,6 +108,6 @@ class MetaMamba2Mixer(Mamba2Mixer):
     """Mamba2 made metaplastic: Mamba2's (C, B, dt * x) as metaplastic attention's (q, k, v)."""
 
     def __init__(self, spec: LayerSpec, expand: int = 2, d_state: int = 16, beta_rank: int = 16,
-                 i_prior: float = 1.0, mode: str = "chunk", chunk_size: int = 64, conv_width: int = 4):
+                 i_prior: float = 1.0, mode: str = "auto", chunk_size: int = 64, conv_width: int = 4):
         super().__init__(spec, expand=expand, d_state=d_state, mode=mode, chunk_size=chunk_size,
                          conv_width=conv_width, metaplastic=True, beta_rank=beta_rank, i_prior=i_prior)

@@ -37,7 +37,7 @@ class PalimpsaMixer(RecurrentMixer):
     ``mode``/``chunk_size`` (passed to the op), ``conv_width``."""
 
     def __init__(self, spec: LayerSpec, expand_v: int = 1, beta_rank: int | None = None,
-                 i_prior: float = 1.0, mode: str = "chunk", chunk_size: int = 64, conv_width: int = 4,
+                 i_prior: float = 1.0, mode: str = "auto", chunk_size: int = 64, conv_width: int = 4,
                  metaplastic: bool = True):
         super().__init__()
         name = "palimpsa" if metaplastic else "gla"
@@ -106,7 +106,7 @@ class PalimpsaMixer(RecurrentMixer):
 class GLAMixer(PalimpsaMixer):
     """Scalar-decay gated linear attention: palimpsa without importance (beta = 0)."""
 
-    def __init__(self, spec: LayerSpec, expand_v: int = 1, i_prior: float = 1.0, mode: str = "chunk",
+    def __init__(self, spec: LayerSpec, expand_v: int = 1, i_prior: float = 1.0, mode: str = "auto",
                  chunk_size: int = 64, conv_width: int = 4):
         super().__init__(spec, expand_v=expand_v, i_prior=i_prior, mode=mode, chunk_size=chunk_size,
                          conv_width=conv_width, metaplastic=False)

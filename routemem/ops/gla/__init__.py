@@ -13,7 +13,7 @@ from routemem.ops.checks import (
 from routemem.ops.gla.chunk import gla_chunk
 from routemem.ops.gla.reference import gla_reference
 
-MODES = ("reference", "chunk")
+MODES = ("reference", "chunk", "auto")  # auto: chunk (the fastest form here)
 
 
 def gated_linear_attention(q, k, v, log_alpha, *, scale=None, initial_state=None,
@@ -29,6 +29,8 @@ def gated_linear_attention(q, k, v, log_alpha, *, scale=None, initial_state=None
     check_mode(mode, MODES)
     check_chunk_size(chunk_size)
     scale = Dk ** -0.5 if scale is None else float(scale)
+    if mode == "auto":
+        mode = "chunk"
     if mode == "reference":
         o, final = gla_reference(q, k, v, log_alpha, scale, initial_state)
     else:

@@ -17,9 +17,13 @@ from routemem.ops.checks import (
     expect_shape,
 )
 from routemem.ops.metaplastic.chunk import metaplastic_chunk
+from routemem.ops.metaplastic import fused
+from routemem.ops.metaplastic.fused import metaplastic_fused
 from routemem.ops.metaplastic.reference import metaplastic_reference
 
-MODES = ("reference", "chunk")
+# fused: the compiled CPU kernel (fused.py); auto: fused where it applies (CPU, float32/64, the
+# kernel compiled), else chunk.
+MODES = ("reference", "chunk", "fused", "auto")
 
 
 def _prior_tensor(i_prior, H: int, like: torch.Tensor) -> torch.Tensor:
@@ -43,6 +47,8 @@ def metaplastic_attention(q, k, v, beta, log_alpha, *, i_prior=1.0, scale=None, 
     Returns o [B,T,H,Dv]; with ``output_uncertainty`` also scale^2 * sum_k q_k^2 / I_t[:, k]
     [B,T,H,Dv]; with ``output_final_state`` also the final ``(mu, importance)``. When either is
     asked the result is a tuple in that order, otherwise o alone.
+    ``mode``: "reference" (a loop over t), "chunk" (PyTorch, any device), "fused" (compiled CPU
+    kernel) or "auto" (fused where it applies, else chunk); all compute the same function.
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     expect_shape("beta", beta, (B, T, H, Dv), "[B, T, H, Dv] like v")
@@ -64,9 +70,14 @@ def metaplastic_attention(q, k, v, beta, log_alpha, *, i_prior=1.0, scale=None, 
         expect_range("initial_state importance", state[1], torch.finfo(q.dtype).tiny)
     scale = Dk ** -0.5 if scale is None else float(scale)
 
+    if mode == "auto":
+        mode = "fused" if fused.applies_to(q) else "chunk"
     if mode == "reference":
         o, unc, final = metaplastic_reference(q, k, v, beta, log_alpha, prior, scale, state,
                                               output_uncertainty)
+    elif mode == "fused":
+        o, unc, final = metaplastic_fused(q, k, v, beta, log_alpha, prior, scale, state,
+                                          output_uncertainty, chunk_size)
     else:
         o, unc, final = metaplastic_chunk(q, k, v, beta, log_alpha, prior, scale, state,
                                           output_uncertainty, chunk_size)
