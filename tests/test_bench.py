@@ -56,6 +56,10 @@ def test_palimpsa_bench_reports_speedup_ratio_and_memory(tmp_path, monkeypatch):
     assert memory[256]["autograd"] > 3 * memory[16]["autograd"]
     assert memory[256]["recompute"] < memory[256]["autograd"]
     assert result["pass"]["speedup"] == (result["speedup_chunk_over_reference_fwd_bwd"] >= 10.0)
+    if palimpsa_bench.fused.available():  # the compiled kernel is timed against GLA too
+        assert result["ratio_palimpsa_fused_over_gla_fwd_bwd"] == (
+            row["palimpsa_fused", 64]["fwd_bwd_s"] / row["gla_chunk", 64]["fwd_bwd_s"])
+        assert result["pass"]["gla_ratio_fused"] == (result["ratio_palimpsa_fused_over_gla_fwd_bwd"] <= 3.0)
 
 
 def test_apn_bench_reports_ratios_params_and_memory(tmp_path, monkeypatch):

@@ -5,47 +5,22 @@ sequence, input validation and the return conventions."""
 
 import pytest
 import torch
-import torch.nn.functional as F
+from metaplastic_inputs import (
+    DK,
+    DV,
+    PRIOR,
+    B,
+    H,
+    assert_close,
+    flat_outputs,
+    gradcheck_inputs,
+    make_inputs,
+    make_state,
+)
 
 from routemem.ops import gated_linear_attention, metaplastic_attention
 from routemem.ops.metaplastic.chunk import metaplastic_chunk
 from routemem.ops.metaplastic.reference import metaplastic_reference
-
-B, H, DK, DV = 2, 2, 8, 6
-PRIOR = torch.tensor([0.5, 2.0])  # one prior per head
-
-
-def make_inputs(T, *, dtype=torch.float32, seed=0, strong_decay=True, B=B, H=H, Dk=DK, Dv=DV):
-    """Unit-norm keys, beta in [0, 1). log_alpha: head 0 mild (>= -0.05, long memory), the other
-    heads strong (down to -5 per step, where exp(-cumulative log decay) would overflow float32)."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, Dk, generator=g, dtype=dtype)
-    k = F.normalize(torch.randn(B, T, H, Dk, generator=g, dtype=dtype), dim=-1)
-    v = torch.randn(B, T, H, Dv, generator=g, dtype=dtype)
-    beta = torch.rand(B, T, H, Dv, generator=g, dtype=dtype)
-    low = torch.full((H,), -5.0 if strong_decay else -0.05, dtype=dtype)
-    low[0] = -0.05
-    log_alpha = low * torch.rand(B, T, H, generator=g, dtype=dtype)
-    return q, k, v, beta, log_alpha
-
-
-def make_state(*, dtype=torch.float32, seed=1, B=B, H=H, Dk=DK, Dv=DV):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, Dv, Dk, generator=g, dtype=dtype),
-            0.5 + torch.rand(B, H, Dv, Dk, generator=g, dtype=dtype))
-
-
-def assert_close(actual, expected, rtol=1e-5, name=""):
-    """Max abs error within rtol of the expected tensor's scale (at least 1: inputs are O(1))."""
-    scale = max(expected.abs().max().item(), 1.0)
-    err = (actual - expected).abs().max().item()
-    assert err <= rtol * scale, f"{name}: max error {err:.3g} > {rtol:g} * {scale:.3g}"
-
-
-def flat_outputs(result):
-    o, unc, (mu, importance) = result
-    return [o, unc, mu, importance]
-
 
 # ---------------------------------------------------------------- chunk form vs the reference
 
@@ -100,15 +75,6 @@ def test_chunk_float64_matches_reference_to_rounding():
 
 # ---------------------------------------------------------------- float64 gradcheck
 
-def _gradcheck_inputs(chunk_size=None):
-    q, k, v, beta, log_alpha = make_inputs(5, dtype=torch.float64, B=1, H=2, Dk=3, Dv=2)
-    beta = beta + 0.1  # away from the beta >= 0 boundary the finite differences would cross
-    log_alpha = log_alpha - 0.1  # likewise for log_alpha <= 0
-    mu0, importance0 = make_state(dtype=torch.float64, B=1, H=2, Dk=3, Dv=2)
-    prior = torch.tensor([0.7, 1.5], dtype=torch.float64)
-    return [x.requires_grad_() for x in (q, k, v, beta, log_alpha, mu0, importance0, prior)]
-
-
 @pytest.mark.parametrize("mode,chunk_size,recompute", [
     ("reference", 64, True), ("chunk", 2, True), ("chunk", 4, True),
     ("chunk", 2, False), ("chunk", 4, False),
@@ -124,7 +90,7 @@ def test_gradcheck_float64(mode, chunk_size, recompute):
                                     chunk_size, recompute=recompute)
         return tuple(flat_outputs(out))
 
-    assert torch.autograd.gradcheck(fn, _gradcheck_inputs(), eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(fn, gradcheck_inputs(), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- the paper's special cases

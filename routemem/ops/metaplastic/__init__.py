@@ -13,11 +13,16 @@ from __future__ import annotations
 import torch
 
 from routemem.ops.checks import (
-    check_chunk_size, check_mode, check_qkv, expect_log_decay, expect_range, expect_same_dtype,
+    check_chunk_size,
+    check_mode,
+    check_qkv,
+    expect_log_decay,
+    expect_range,
+    expect_same_dtype,
     expect_shape,
 )
-from routemem.ops.metaplastic.chunk import metaplastic_chunk
 from routemem.ops.metaplastic import fused
+from routemem.ops.metaplastic.chunk import metaplastic_chunk
 from routemem.ops.metaplastic.fused import metaplastic_fused
 from routemem.ops.metaplastic.reference import metaplastic_reference
 

@@ -57,7 +57,8 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".metaplastic-", suffix=".so", dir=folder)
     os.close(fd)
     try:  # compile beside the target, then rename: a concurrent or killed build never leaves half a file
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                              check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed on {SOURCE.name}:\n{done.stderr.strip()}")
         os.replace(tmp, library)
@@ -66,7 +67,7 @@ def _build(compiler: str) -> Path:
     return library
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _library() -> ctypes.CDLL:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not compiler:
@@ -162,7 +163,7 @@ def metaplastic_fused(q, k, v, beta, log_alpha, i_prior, scale, initial_state, w
         raise ValueError(f"mode='fused' is a CPU kernel; the inputs are on {q.device} (use mode='chunk')")
     if q.dtype not in _SUFFIX:
         raise ValueError(f"mode='fused' takes float32 or float64, got {q.dtype}")
-    B, T, H, Dk = q.shape
+    B, _, H, Dk = q.shape
     Dv = v.shape[-1]
     M0, J0 = linear_state(initial_state, i_prior, q, (B, H, Dv, Dk))
     o, unc, M, J = MetaplasticFusedFn.apply(q, k, v, beta, log_alpha, i_prior, M0, J0, scale,
