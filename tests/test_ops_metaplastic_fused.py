@@ -21,7 +21,7 @@ from metaplastic_inputs import (
     make_state,
 )
 
-from routemem.ops import gated_linear_attention, metaplastic_attention
+from routemem.ops import gated_linear_attention, metaplastic_attention, native
 from routemem.ops.metaplastic import fused
 from routemem.ops.metaplastic.reference import metaplastic_reference
 
@@ -171,23 +171,26 @@ def test_auto_picks_fused_on_cpu_and_rejects_what_fused_cannot_run():
 def test_a_failing_compiler_makes_auto_fall_back_to_chunk(tmp_path, monkeypatch):
     monkeypatch.setenv("ROUTEMEM_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", shutil.which("false"))
-    fused._library.cache_clear()
+    native.load.cache_clear()
     try:
         assert not fused.available()
         with pytest.raises(RuntimeError, match="failed"):
-            fused._library()
+            native.load(fused.SOURCE, fused.SIGNATURES)
         q, k, v, beta, log_alpha = make_inputs(12)
         expected = metaplastic_attention(q, k, v, beta, log_alpha, mode="chunk")
         assert torch.equal(metaplastic_attention(q, k, v, beta, log_alpha, mode="auto"), expected)
         assert not list((tmp_path / "kernels").iterdir())  # no half-built library left behind
     finally:
-        fused._library.cache_clear()
+        native.load.cache_clear()
 
 
 def test_the_build_is_cached_by_source_and_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("ROUTEMEM_CACHE", str(tmp_path))
     compiler = shutil.which("c++") or shutil.which("g++")
-    first = fused._build(compiler)
+    first = native.build(fused.SOURCE, compiler)
     stamp = first.stat().st_mtime_ns
-    assert fused._build(compiler) == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert native.build(fused.SOURCE, compiler) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.name]
+    edited = tmp_path / fused.SOURCE.name  # another source text: another library
+    edited.write_text(fused.SOURCE.read_text() + "\n// edited\n")
+    assert native.build(edited, compiler) != first

@@ -1,0 +1,106 @@
+"""Small C++ kernels for the CPU, compiled on first use and called through ctypes.
+
+Some ops are bound by memory traffic when written as PyTorch ops (every intermediate is another pass
+over memory); a plain loop in C++ keeps the working set in cache. This module builds such a kernel
+from the ``.cpp`` file beside the op with the system compiler (``$CXX``, else ``c++``) into
+``$ROUTEMEM_CACHE`` (default ~/.cache/routemem), keyed by source, flags and CPU, and loads it with
+ctypes. There is no build step at install time and no torch headers (a kernel compiles in about a
+second); without a compiler, ``available()`` is False and the ops' PyTorch forms remain.
+
+Kernels take raw pointers and a range of independent rows; ``on_threads`` runs disjoint ranges on
+``torch.get_num_threads()`` Python threads (ctypes releases the GIL during the call).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC"]
+SUFFIX = {torch.float32: "f32", torch.float64: "f64"}  # each kernel exports both precisions
+POINTER, INT64, DOUBLE, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+
+
+def _cpu_model() -> str:
+    """-march=native code is only valid on the CPU that built it: part of the cache key."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build(source: Path, compiler: str) -> Path:
+    """Compile ``source`` into the cache (once per source, flags, CPU and compiler); its path."""
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(FLAGS).encode(),
+                                     _cpu_model().encode(), compiler.encode()])).hexdigest()[:16]
+    folder = Path(os.environ.get("ROUTEMEM_CACHE", Path.home() / ".cache" / "routemem")) / "kernels"
+    library = folder / f"{source.stem}-{key}.so"
+    if library.exists():
+        return library
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=folder)
+    os.close(fd)
+    try:  # build beside the target, then rename: a concurrent or killed build never leaves half a file
+        done = subprocess.run([compiler, *FLAGS, str(source), "-o", tmp], capture_output=True,
+                              text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {source.name}:\n{done.stderr.strip()}")
+        os.replace(tmp, library)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return library
+
+
+@functools.cache
+def load(source: Path, signatures: tuple[tuple[str, tuple], ...]) -> ctypes.CDLL:
+    """The compiled ``source`` with ``argtypes`` set for each (function name, argtypes) pair.
+    Raises RuntimeError when there is no compiler or the build fails."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler found (set $CXX)")
+    library = ctypes.CDLL(str(build(source, compiler)))
+    for name, argtypes in signatures:
+        function = getattr(library, name)
+        function.argtypes, function.restype = list(argtypes), None
+    return library
+
+
+def available(source: Path, signatures: tuple) -> bool:
+    try:
+        load(source, signatures)
+        return True
+    except (RuntimeError, OSError):
+        return False
+
+
+def pointer(x: torch.Tensor | None):
+    return None if x is None else x.data_ptr()
+
+
+def worker_count(rows: int) -> int:
+    """Threads a kernel over ``rows`` independent rows runs on: torch's thread count, at most rows."""
+    return max(1, min(torch.get_num_threads(), rows))
+
+
+def on_threads(call, rows: int, workers: int) -> None:
+    """Run ``call(worker, begin, end)`` for ``workers`` disjoint ranges of ``rows``, each on its
+    own thread (``worker`` indexes per-thread partial sums where a kernel keeps them)."""
+    bounds = [rows * w // workers for w in range(workers + 1)]
+    if workers == 1:
+        call(0, 0, rows)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(call, range(workers), bounds[:-1], bounds[1:]))
