@@ -1,8 +1,11 @@
-"""Helpers shared by the recurrent-op tests: run an op with fixed random cotangents, and compare
-dicts of outputs and gradients each at its own scale."""
+"""Helpers shared by the op tests: run an op with fixed random cotangents, compare dicts of outputs
+and gradients each at its own scale, and mark the modes that need a C++ compiler."""
 
 from __future__ import annotations
 
+import shutil
+
+import pytest
 import torch
 
 
@@ -29,3 +32,11 @@ def assert_close_scaled(actual: dict, expected: dict, rtol: float) -> None:
         assert got is not None and torch.isfinite(got).all(), name
         err = (got - want).abs().max().item()
         assert err <= rtol * max(want.abs().max().item(), 1e-6), f"{name}: max error {err:.3g}"
+
+
+HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++"))
+
+
+def needs_compiler(mode: str):
+    """A ``mode`` test parameter that is skipped where there is no C++ compiler (fused kernels)."""
+    return pytest.param(mode, marks=pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler"))

@@ -1,5 +1,5 @@
 """Tests of the Attractor Patch Network FFN (routemem.layers.apn): registration and option errors,
-reference == grouped at the layer level, the load-balance aux loss (and its way into
+reference == grouped == fused at the layer level, the load-balance aux loss (and its way into
 TransformerLM's loss), the EMA prototype pull, a learned tau, the dense trunk, the usage counter,
 metrics, locality of a token's gradient, and the layer inside a TransformerLM (zero init, bf16
 autocast, parameter count)."""
@@ -14,6 +14,8 @@ from routemem.errors import ConfigError
 from routemem.layers import FFNS, AttractorPatchFFN, DenseFFN, LayerSpec, build_ffn
 from routemem.models import LMConfig, TransformerLM
 from routemem.ops.apn import load_balance_loss, route, routing_stats
+
+from op_checks import needs_compiler
 
 D, H = 16, 2
 SPEC = LayerSpec(d_model=D, n_head=H, max_seq_len=32)
@@ -50,7 +52,7 @@ def test_registered_and_built_from_options():
     assert layer.prototypes.shape == (5, D) and layer.code.shape == (D, 3) and layer.up.shape == (5, D, 3)
     assert layer.gate_scale.shape == layer.gate_bias.shape == (5, 3)
     default = build_ffn("apn", SPEC)
-    assert default.mode == "grouped" and default.prototype_update == "sgd" and default.trunk is None
+    assert default.mode == "auto" and default.prototype_update == "sgd" and default.trunk is None
     # unit-norm prototypes; gates start at sigmoid(0)
     torch.testing.assert_close(default.prototypes.norm(dim=-1), torch.ones(default.n_patches))
     assert not default.gate_scale.any() and not default.gate_bias.any()
@@ -87,7 +89,7 @@ def test_good_edge_options():
     make(load_balance=0)
 
 
-# --- reference == grouped --------------------------------------------------------------------
+# --- reference == grouped == fused --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kw, dtype", [
@@ -96,8 +98,9 @@ def test_good_edge_options():
     ({"top_k": 1, "n_patches": 3}, torch.float64),
     ({"prototype_update": "ema", "ema_decay": 0.5}, torch.float32),
 ], ids=["default", "learn_tau-trunk", "k1", "ema"])
-def test_reference_and_grouped_layers_agree(kw, dtype):
-    grouped = make(dtype, mode="grouped", load_balance=0.05, **kw).train()
+@pytest.mark.parametrize("mode", ["grouped", needs_compiler("fused")])
+def test_reference_and_fast_layers_agree(kw, dtype, mode):
+    grouped = make(dtype, mode=mode, load_balance=0.05, **kw).train()
     ref = make(dtype, mode="reference", load_balance=0.05, **kw).train()
     ref.load_state_dict(grouped.state_dict())
     with torch.no_grad():  # non-zero gates, so a and b matter

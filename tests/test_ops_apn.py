@@ -1,6 +1,6 @@
 """Tests of routemem.ops.apn (Attractor Patch Network ops): cosine top-k routing held equal to a
-brute-force computation, the grouped patch mixture held equal to the per-patch loop (outputs and
-every gradient, through the router too), float64 gradcheck, exact zero gradients for unrouted
+brute-force computation, the grouped patch mixture and the fused kernel held equal to the per-patch
+loop (outputs and every gradient, through the router too), float64 gradcheck, exact zero gradients for unrouted
 patches, the load-balance loss and the routing diagnostics, input validation and empty input."""
 
 import math
@@ -18,7 +18,13 @@ from routemem.ops.apn import (
     route,
     routing_stats,
 )
+from routemem.ops.apn import fused
 from routemem.ops.apn.grouped import patch_mixture_grouped
+
+from op_checks import needs_compiler
+
+FAST = ["grouped", needs_compiler("fused")]  # every fast form, held equal to the reference
+ALL_MODES = ["reference", *FAST, needs_compiler("auto")]
 
 
 def make_inputs(N, d, K, r, dtype=torch.float64, *, unbalanced=False):
@@ -123,7 +129,7 @@ def test_route_ignores_norms_and_scales_with_tau():
     assert base.scores.abs().max() <= 1 / 0.5 + 1e-12  # |cos| <= 1
 
 
-# --- patch mixture: grouped == reference -----------------------------------------------------
+# --- patch mixture: grouped, fused == reference -----------------------------------------------------
 
 
 def forward_backward(mode, x, k, tau=0.5, indices=None, weights=None):
@@ -159,10 +165,11 @@ SHAPES = [  # N, d, K, r, k
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["f64", "f32"])
 @pytest.mark.parametrize("N, d, K, r, k", SHAPES)
-def test_grouped_matches_reference_through_route(N, d, K, r, k, dtype, rtol):
+@pytest.mark.parametrize("mode", FAST)
+def test_fast_modes_match_reference_through_route(N, d, K, r, k, dtype, rtol, mode):
     x = make_inputs(N, d, K, r, dtype)
     expected = forward_backward("reference", x, k)
-    actual = forward_backward("grouped", x, k)
+    actual = forward_backward(mode, x, k)
     assert actual["out"].dtype == dtype
     assert_close_scaled(actual, expected, rtol)
     # the comparison is not vacuous: output and the gradients we compare are non-trivial
@@ -174,16 +181,18 @@ def test_grouped_matches_reference_through_route(N, d, K, r, k, dtype, rtol):
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["f64", "f32"])
 @pytest.mark.parametrize("k", [1, 2])
-def test_grouped_matches_reference_unbalanced_routing(k, dtype, rtol):
+@pytest.mark.parametrize("mode", FAST)
+def test_fast_modes_match_reference_unbalanced_routing(k, dtype, rtol, mode):
     x = make_inputs(40, 8, 6, 3, dtype, unbalanced=True)
     expected = forward_backward("reference", x, k)
     load = patch_load(expected["indices"][:, 0], 6)
     assert load[0] >= 0.8 and (load == 0).any(), load  # most tokens' first choice is patch 0
-    assert_close_scaled(forward_backward("grouped", x, k), expected, rtol)
+    assert_close_scaled(forward_backward(mode, x, k), expected, rtol)
 
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["f64", "f32"])
-def test_grouped_matches_reference_fixed_indices(dtype, rtol):
+@pytest.mark.parametrize("mode", FAST)
+def test_fast_modes_match_reference_fixed_indices(dtype, rtol, mode):
     """Hand-made indices: 95% of slot 0 on patch 2, patches 0 and 5 never chosen, and repeated
     patches within a row (the op must add both slots' contributions)."""
     N, d, K, r, k = 60, 8, 6, 3, 3
@@ -195,7 +204,7 @@ def test_grouped_matches_reference_fixed_indices(dtype, rtol):
     indices[3, 1] = indices[3, 2] = 4  # a duplicate
     weights = torch.rand(N, k, generator=gen, dtype=torch.float64).to(dtype)
     expected = forward_backward("reference", x, k, indices=indices, weights=weights)
-    actual = forward_backward("grouped", x, k, indices=indices, weights=weights)
+    actual = forward_backward(mode, x, k, indices=indices, weights=weights)
     assert_close_scaled(actual, expected, rtol)
     for name in ("grad U", "grad a", "grad b"):  # never-chosen patches: exactly zero in both
         for i in (0, 5):
@@ -248,7 +257,7 @@ def test_grouped_equals_reference_for_any_tile_size(tile):
 # --- gradcheck ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 def test_gradcheck_float64(mode):
     N, d, K, r = 5, 3, 4, 2
     x = make_inputs(N, d, K, r)
@@ -277,7 +286,7 @@ def test_gradcheck_route_float64():
 # --- locality: unrouted patches get exactly zero gradient ------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_unrouted_patches_get_exactly_zero_gradient(mode, dtype):
     N, d, K, r, k = 11, 6, 5, 3, 2
@@ -431,7 +440,7 @@ BAD_INPUTS = {  # case: (argument replaced, its bad value given the good inputs,
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_inputs_raise_naming_the_culprit(case, mode):
     arg, bad_value, message = BAD_INPUTS[case]
@@ -444,18 +453,50 @@ def test_bad_inputs_raise_naming_the_culprit(case, mode):
 
 
 def test_modes():
-    assert set(MODES) == {"reference", "grouped"}
+    assert set(MODES) == {"reference", "grouped", "fused", "auto"}
     x = good_inputs()
     torch.testing.assert_close(patch_mixture(**x), patch_mixture(**x, mode="grouped"))  # grouped by default
 
 
-def test_empty_input_grouped():
+@pytest.mark.skipif(not fused.available(), reason="the fused kernel needs a C++ compiler")
+def test_auto_is_fused_on_cpu_and_grouped_where_fused_cannot_run():
+    x = good_inputs()
+    assert torch.equal(patch_mixture(**x, mode="auto"), patch_mixture(**x, mode="fused"))
+    half = {n: (t.to(torch.bfloat16) if t.is_floating_point() else t) for n, t in x.items()}
+    with pytest.raises(ValueError, match="float32 or float64"):
+        patch_mixture(**half, mode="fused")
+    torch.testing.assert_close(patch_mixture(**half, mode="auto"), patch_mixture(**half, mode="grouped"))
+
+
+@pytest.mark.skipif(not fused.available(), reason="the fused kernel needs a C++ compiler")
+def test_fused_threads_split_tokens_and_sum_partial_gradients():
+    """Tokens are split across threads; U, a, b gradients are per-thread partial sums added up."""
+    x = make_inputs(50, 8, 6, 4)
+    indices = torch.randint(0, 6, (50, 3))
+    weights = torch.rand(50, 3, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x["z"], weights, x["V"], x["U"], x["a"], x["b"])]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            z, w, V, U, a, b = leaves
+            out = patch_mixture(z, indices, w, V, U, a, b, mode="fused")
+            results.append((out, *torch.autograd.grad(out.pow(2).sum(), leaves)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, many in zip(*results):
+        torch.testing.assert_close(one, many, rtol=1e-12, atol=1e-12)  # only the summation order differs
+
+
+@pytest.mark.parametrize("mode", FAST)
+def test_empty_input(mode):
     x = make_inputs(0, 4, 3, 2, torch.float32)
     leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
     routing = route(leaves["z"], leaves["prototypes"], 2, 0.5)
     assert routing.indices.shape == (0, 2) and routing.weights.shape == (0, 2)
     out = patch_mixture(leaves["z"], routing.indices, routing.weights, leaves["V"], leaves["U"], leaves["a"],
-                        leaves["b"], mode="grouped")
+                        leaves["b"], mode=mode)
     assert out.shape == (0, 4) and out.dtype == torch.float32
     out.sum().backward()  # the graph is kept: a training step on an empty batch does not crash
     for name in ("V", "U", "a", "b"):

@@ -47,12 +47,13 @@ class AttractorPatchFFN(nn.Module):
     """Options: ``n_patches`` K, ``rank`` r, ``top_k``, ``tau`` (router temperature; ``learn_tau``
     makes it a parameter), ``gamma`` (output scale), ``prototype_update`` (sgd | ema) with
     ``ema_decay``, ``load_balance`` (weight of the aux loss; 0 turns it off), ``trunk_hidden``
-    (hidden units of an optional dense trunk; 0 = none), ``mode`` (reference | grouped)."""
+    (hidden units of an optional dense trunk; 0 = none), ``mode`` (reference | grouped | fused |
+    auto: the compiled kernel on a CPU, else grouped)."""
 
     def __init__(self, spec: LayerSpec, n_patches: int = 64, rank: int = 16, top_k: int = 4,
                  tau: float = 0.1, learn_tau: bool = False, gamma: float = 1.0,
                  prototype_update: str = "sgd", ema_decay: float = 0.99, load_balance: float = 0.01,
-                 trunk_hidden: int = 0, mode: str = "grouped"):
+                 trunk_hidden: int = 0, mode: str = "auto"):
         super().__init__()
         owner = "ffn 'apn'"
         d = spec.d_model

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from routemem.ops.apn import fused
+from routemem.ops.apn.fused import patch_mixture_fused
 from routemem.ops.apn.grouped import group_by_patch, patch_mixture_grouped
 from routemem.ops.apn.reference import patch_mixture_reference
 from routemem.ops.apn.routing import (
@@ -21,7 +23,9 @@ from routemem.ops.apn.routing import (
 )
 from routemem.ops.checks import check_mode, expect_shape
 
-MODES = ("reference", "grouped")
+# fused: the compiled CPU kernel (fused.py); auto: fused where it applies (CPU, float32/64, the
+# kernel compiled), else grouped.
+MODES = ("reference", "grouped", "fused", "auto")
 
 __all__ = ["MODES", "Routing", "group_by_patch", "load_balance_loss", "patch_load", "patch_mixture",
            "route", "router_probs", "routing_stats"]
@@ -29,7 +33,9 @@ __all__ = ["MODES", "Routing", "group_by_patch", "load_balance_loss", "patch_loa
 
 def patch_mixture(z, indices, weights, V, U, a, b, *, mode="grouped"):
     """z [N, d]; indices [N, k] long in [0, K); weights [N, k]; V [d, r]; U [K, d, r]; a, b [K, r].
-    Returns [N, d]. ``mode="reference"`` loops over patches; ``"grouped"`` sorts by patch."""
+    Returns [N, d]. ``mode="reference"`` loops over patches; ``"grouped"`` sorts by patch (any
+    device); ``"fused"`` is the compiled CPU kernel; ``"auto"`` is fused where it applies, else
+    grouped. All compute the same function."""
     check_mode(mode, MODES)
     if not isinstance(z, torch.Tensor) or z.dim() != 2:
         raise ValueError(f"z must be [N, d], got {tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
@@ -51,5 +57,8 @@ def patch_mixture(z, indices, weights, V, U, a, b, *, mode="grouped"):
     for name, tensor in (("weights", weights), ("V", V), ("U", U), ("a", a), ("b", b)):
         if tensor.dtype != z.dtype:
             raise ValueError(f"{name} has dtype {tensor.dtype} but z has {z.dtype}; cast all inputs to one dtype")
-    fn = patch_mixture_reference if mode == "reference" else patch_mixture_grouped
+    if mode == "auto":
+        mode = "fused" if fused.applies_to(z) else "grouped"
+    fn = {"reference": patch_mixture_reference, "grouped": patch_mixture_grouped,
+          "fused": patch_mixture_fused}[mode]
     return fn(z, indices, weights, V, U, a, b)
