@@ -254,6 +254,16 @@ def test_grouped_equals_reference_for_any_tile_size(tile):
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.skipif(not fused.available(), reason="the fused kernel needs a C++ compiler")
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["f64", "f32"])
+@pytest.mark.parametrize("d", [64, 100, 130])
+def test_fused_matches_reference_at_widths_its_vector_blocks_cover(d, dtype, rtol):
+    """The kernel works in blocks of 64 bytes x 4 and a scalar remainder: widths that fill the
+    blocks exactly, and that leave a remainder of a few values or of a partial vector."""
+    x = make_inputs(24, d, 5, 3, dtype)
+    assert_close_scaled(forward_backward("fused", x, 2), forward_backward("reference", x, 2), rtol)
+
+
 # --- gradcheck ------------------------------------------------------------------------------
 
 
