@@ -72,8 +72,11 @@ def test_apn_bench_reports_ratios_params_and_memory(tmp_path, monkeypatch):
     result = run_suite("apn", quick=True, out=str(tmp_path / "b.json"))
     assert json.loads((tmp_path / "b.json").read_text()) == json.loads(json.dumps(result))
     variants = result["variants"]
-    assert {"apn_grouped", "apn_reference", "dense_same_params", "dense_4d", "op_grouped", "op_reference",
-            "op_grouped_skewed", "op_reference_skewed"} == set(variants)
+    expected = {"apn_grouped", "apn_reference", "dense_same_params", "dense_4d", "op_grouped", "op_reference",
+                "op_grouped_skewed", "op_reference_skewed"}
+    if apn_bench.fused.available():  # the compiled kernel is timed beside the grouped form
+        expected |= {"apn_fused", "op_fused", "op_fused_skewed"}
+    assert expected == set(variants)
     for row in variants.values():
         assert row["fwd_s"] > 0 and row["fwd_bwd_s"] > 0 and row["saved_for_backward_bytes"] > 0
         assert len(row["fwd_runs_s"]) == len(row["fwd_bwd_runs_s"]) >= 1
@@ -94,6 +97,16 @@ def test_apn_bench_reports_ratios_params_and_memory(tmp_path, monkeypatch):
         assert dense["max"] == 1.5 and dense["met"] == (dense["ratio"] <= 1.5)
     assert result["all_targets_met"] == all(
         entry["met"] for target in targets.values() for entry in target.values())
+    if apn_bench.fused.available():
+        fused_targets = result["fused_targets"]
+        for phase in ("fwd", "fwd_bwd"):
+            key = f"{phase}_s"
+            entry = fused_targets["op_speedup_reference_over_fused"][phase]
+            assert entry["ratio"] == variants["op_reference"][key] / variants["op_fused"][key]
+            entry = fused_targets["ratio_fused_over_dense"][phase]
+            assert entry["ratio"] == variants["apn_fused"][key] / variants["dense_same_params"][key]
+        assert result["fused_targets_met"] == all(
+            entry["met"] for target in fused_targets.values() for entry in target.values())
     # parameter counts: K d prototypes + d r code + K d r up + 2 K r gate = 768 here; the dense
     # baseline's hidden is sized to match (2 d h weights)
     params = result["params"]
