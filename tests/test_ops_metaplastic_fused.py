@@ -171,17 +171,20 @@ def test_auto_picks_fused_on_cpu_and_rejects_what_fused_cannot_run():
 def test_a_failing_compiler_makes_auto_fall_back_to_chunk(tmp_path, monkeypatch):
     monkeypatch.setenv("ROUTEMEM_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", shutil.which("false"))
-    native.load.cache_clear()
+    native.forget_builds()
     try:
         assert not fused.available()
         with pytest.raises(RuntimeError, match="failed"):
+            native.load(fused.SOURCE, fused.SIGNATURES)
+        monkeypatch.setenv("CXX", "/nonexistent/compiler")  # would fail differently if tried again
+        with pytest.raises(RuntimeError, match="false failed"):  # the first failure, remembered
             native.load(fused.SOURCE, fused.SIGNATURES)
         q, k, v, beta, log_alpha = make_inputs(12)
         expected = metaplastic_attention(q, k, v, beta, log_alpha, mode="chunk")
         assert torch.equal(metaplastic_attention(q, k, v, beta, log_alpha, mode="auto"), expected)
         assert not list((tmp_path / "kernels").iterdir())  # no half-built library left behind
     finally:
-        native.load.cache_clear()
+        native.forget_builds()
 
 
 def test_the_build_is_cached_by_source_and_machine(tmp_path, monkeypatch):

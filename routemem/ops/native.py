@@ -14,7 +14,6 @@ Kernels take raw pointers and a range of independent rows; ``on_threads`` runs d
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import platform
@@ -64,10 +63,30 @@ def build(source: Path, compiler: str) -> Path:
     return library
 
 
-@functools.cache
+_loaded: dict[tuple, ctypes.CDLL | RuntimeError] = {}  # a failed build is remembered too
+
+
 def load(source: Path, signatures: tuple[tuple[str, tuple], ...]) -> ctypes.CDLL:
     """The compiled ``source`` with ``argtypes`` set for each (function name, argtypes) pair.
-    Raises RuntimeError when there is no compiler or the build fails."""
+    Raises RuntimeError when there is no compiler or the build fails; the outcome is kept for the
+    process, so a machine without a working compiler pays for one failed attempt, not one per call."""
+    key = (source, signatures)
+    if key not in _loaded:
+        try:
+            _loaded[key] = _load(source, signatures)
+        except (RuntimeError, OSError) as err:
+            _loaded[key] = RuntimeError(f"cannot build {source.name}: {err}")
+    if isinstance(_loaded[key], RuntimeError):
+        raise _loaded[key]
+    return _loaded[key]
+
+
+def forget_builds() -> None:
+    """Drop what ``load`` remembers (tests that change $CXX or $ROUTEMEM_CACHE use it)."""
+    _loaded.clear()
+
+
+def _load(source: Path, signatures) -> ctypes.CDLL:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not compiler:
         raise RuntimeError("no C++ compiler found (set $CXX)")
@@ -82,7 +101,7 @@ def available(source: Path, signatures: tuple) -> bool:
     try:
         load(source, signatures)
         return True
-    except (RuntimeError, OSError):
+    except RuntimeError:
         return False
 
 

@@ -49,7 +49,7 @@ class PatchMixtureFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, code, indices, weights, U, a, b):
         code, indices, weights, a = (x.contiguous() for x in (code, indices, weights, a))
-        (N, k), (K, d, r) = indices.shape, U.shape
+        (N, k), (_, d, r) = indices.shape, U.shape
         flat = indices.flatten()
         gate = torch.sigmoid(a.index_select(0, flat).view(N, k, r) * code[:, None]
                              + b.index_select(0, flat).view(N, k, r))  # s_nj, [N, k, r]
@@ -66,7 +66,7 @@ class PatchMixtureFn(torch.autograd.Function):
     def backward(ctx, grad):
         code, indices, weights, gate, Ut, a = ctx.saved_tensors
         grad = grad.contiguous()
-        (N, k), (K, r, d) = indices.shape, Ut.shape
+        (N, k), (_, r, d) = indices.shape, Ut.shape
         workers = native.worker_count(N)
         dcode, dweights = torch.empty_like(code), torch.empty_like(weights)
         # U, a and b are shared by all tokens: one partial sum per thread, added up afterwards.
