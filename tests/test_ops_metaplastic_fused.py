@@ -175,10 +175,10 @@ def test_a_failing_compiler_makes_auto_fall_back_to_chunk(tmp_path, monkeypatch)
     try:
         assert not fused.available()
         with pytest.raises(RuntimeError, match="failed"):
-            native.load(fused.SOURCE, fused.SIGNATURES)
+            native.load(fused.KERNEL.source, fused.KERNEL.signatures)
         monkeypatch.setenv("CXX", "/nonexistent/compiler")  # would fail differently if tried again
         with pytest.raises(RuntimeError, match="false failed"):  # the first failure, remembered
-            native.load(fused.SOURCE, fused.SIGNATURES)
+            native.load(fused.KERNEL.source, fused.KERNEL.signatures)
         q, k, v, beta, log_alpha = make_inputs(12)
         expected = metaplastic_attention(q, k, v, beta, log_alpha, mode="chunk")
         assert torch.equal(metaplastic_attention(q, k, v, beta, log_alpha, mode="auto"), expected)
@@ -190,10 +190,10 @@ def test_a_failing_compiler_makes_auto_fall_back_to_chunk(tmp_path, monkeypatch)
 def test_the_build_is_cached_by_source_and_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("ROUTEMEM_CACHE", str(tmp_path))
     compiler = shutil.which("c++") or shutil.which("g++")
-    first = native.build(fused.SOURCE, compiler)
+    first = native.build(fused.KERNEL.source, compiler)
     stamp = first.stat().st_mtime_ns
-    assert native.build(fused.SOURCE, compiler) == first and first.stat().st_mtime_ns == stamp
+    assert native.build(fused.KERNEL.source, compiler) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.name]
-    edited = tmp_path / fused.SOURCE.name  # another source text: another library
-    edited.write_text(fused.SOURCE.read_text() + "\n// edited\n")
+    edited = tmp_path / fused.KERNEL.source.name  # another source text: another library
+    edited.write_text(fused.KERNEL.source.read_text() + "\n// edited\n")
     assert native.build(edited, compiler) != first

@@ -105,6 +105,27 @@ def available(source: Path, signatures: tuple) -> bool:
         return False
 
 
+class Kernel:
+    """The functions ``{prefix}_{name}_{f32|f64}`` of one C++ source file, built on first use.
+    ``signatures``: name -> ctypes argtypes (the same for both precisions)."""
+
+    def __init__(self, source: Path, prefix: str, signatures: dict[str, list]):
+        self.source, self.prefix = source, prefix
+        self.signatures = tuple((f"{prefix}_{name}_{suffix}", tuple(argtypes))
+                                for suffix in SUFFIX.values() for name, argtypes in signatures.items())
+
+    def available(self) -> bool:
+        """Whether the kernel compiled and loaded on this machine."""
+        return available(self.source, self.signatures)
+
+    def applies_to(self, x: torch.Tensor) -> bool:
+        """Whether it can run on tensors like ``x`` (what ``mode="auto"`` asks)."""
+        return x.device.type == "cpu" and x.dtype in SUFFIX and self.available()
+
+    def function(self, name: str, dtype: torch.dtype):
+        return getattr(load(self.source, self.signatures), f"{self.prefix}_{name}_{SUFFIX[dtype]}")
+
+
 def pointer(x: torch.Tensor | None):
     return None if x is None else x.data_ptr()
 

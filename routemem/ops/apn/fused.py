@@ -17,30 +17,12 @@ import torch
 
 from routemem.ops import native
 
-SOURCE = Path(__file__).with_name("fused_kernel.cpp")
 _P, _I = native.POINTER, native.INT64
-SIGNATURES = tuple(
-    (f"patch_{name}_{suffix}", tuple(argtypes))
-    for suffix in native.SUFFIX.values()
-    for name, argtypes in (
-        ("forward", [_P] * 5 + [_I] * 3 + [_P] + [_I] * 2),
-        ("backward", [_P] * 7 + [_I] * 3 + [_P] * 5 + [_I] * 2),
-    )
-)
-
-
-def available() -> bool:
-    """Whether the fused kernel compiled and loaded on this machine."""
-    return native.available(SOURCE, SIGNATURES)
-
-
-def applies_to(x: torch.Tensor) -> bool:
-    """Whether ``mode="auto"`` picks the fused kernel for inputs like ``x``."""
-    return x.device.type == "cpu" and x.dtype in native.SUFFIX and available()
-
-
-def _kernel(name: str, dtype: torch.dtype):
-    return getattr(native.load(SOURCE, SIGNATURES), f"patch_{name}_{native.SUFFIX[dtype]}")
+KERNEL = native.Kernel(Path(__file__).with_name("fused_kernel.cpp"), "patch", {
+    "forward": [_P] * 5 + [_I] * 3 + [_P] + [_I] * 2,
+    "backward": [_P] * 7 + [_I] * 3 + [_P] * 5 + [_I] * 2,
+})
+available, applies_to = KERNEL.available, KERNEL.applies_to
 
 
 class PatchMixtureFn(torch.autograd.Function):
@@ -55,7 +37,7 @@ class PatchMixtureFn(torch.autograd.Function):
                              + b.index_select(0, flat).view(N, k, r))  # s_nj, [N, k, r]
         Ut = U.transpose(1, 2).contiguous()  # [K, r, d]: the long loops run over d
         out = code.new_empty(N, d)
-        kernel = _kernel("forward", code.dtype)
+        kernel = KERNEL.function("forward", code.dtype)
         args = [native.pointer(x) for x in (code, indices, weights, gate, Ut)]
         native.on_threads(lambda _, lo, hi: kernel(*args, k, d, r, native.pointer(out), lo, hi),
                           N, native.worker_count(N))
@@ -71,7 +53,7 @@ class PatchMixtureFn(torch.autograd.Function):
         dcode, dweights = torch.empty_like(code), torch.empty_like(weights)
         # U, a and b are shared by all tokens: one partial sum per thread, added up afterwards.
         dUt, da, db = (code.new_zeros(workers, *x.shape) for x in (Ut, a, a))
-        kernel = _kernel("backward", code.dtype)
+        kernel = KERNEL.function("backward", code.dtype)
         args = [native.pointer(x) for x in (code, indices, weights, gate, Ut, a, grad)]
 
         def run(worker, lo, hi):

@@ -18,31 +18,12 @@ import torch
 from routemem.ops import native
 from routemem.ops.metaplastic.chunk import linear_state
 
-SOURCE = Path(__file__).with_name("fused_kernel.cpp")
-_SCALARS = [native.POINTER] * 8 + [native.DOUBLE] + [native.INT64] * 6 + [native.INT]
-SIGNATURES = tuple(
-    (f"metaplastic_{name}_{suffix}", tuple(argtypes))
-    for suffix in native.SUFFIX.values()
-    for name, argtypes in (
-        ("forward", _SCALARS + [native.POINTER] * 3 + [native.INT64] * 2),
-        ("backward", [native.POINTER] * 7 + [native.DOUBLE] + [native.INT64] * 6
-         + [native.POINTER] * 12 + [native.INT64] * 2),
-    )
-)
-
-
-def _kernel(name: str, dtype: torch.dtype):
-    return getattr(native.load(SOURCE, SIGNATURES), f"metaplastic_{name}_{native.SUFFIX[dtype]}")
-
-
-def available() -> bool:
-    """Whether the fused kernel compiled and loaded on this machine."""
-    return native.available(SOURCE, SIGNATURES)
-
-
-def applies_to(x: torch.Tensor) -> bool:
-    """Whether ``mode="auto"`` picks the fused kernel for inputs like ``x``."""
-    return x.device.type == "cpu" and x.dtype in native.SUFFIX and available()
+_P, _I, _F = native.POINTER, native.INT64, native.DOUBLE
+KERNEL = native.Kernel(Path(__file__).with_name("fused_kernel.cpp"), "metaplastic", {
+    "forward": [_P] * 8 + [_F] + [_I] * 6 + [native.INT] + [_P] * 3 + [_I] * 2,
+    "backward": [_P] * 7 + [_F] + [_I] * 6 + [_P] * 12 + [_I] * 2,
+})
+available, applies_to = KERNEL.available, KERNEL.applies_to
 
 
 class MetaplasticFusedFn(torch.autograd.Function):
@@ -59,7 +40,7 @@ class MetaplasticFusedFn(torch.autograd.Function):
         o = torch.empty_like(v)
         unc = torch.empty_like(v) if with_uncertainty else None
         starts = q.new_empty(B, H, N + 1, 2, Dv, Dk)
-        kernel = _kernel("forward", q.dtype)
+        kernel = KERNEL.function("forward", q.dtype)
         inputs = [native.pointer(x) for x in (q, k, v, beta, log_alpha, prior, M0, J0)]
         outputs = [native.pointer(x) for x in (o, unc, starts)]
         native.on_threads(lambda _, lo, hi: kernel(*inputs, scale, B, T, H, Dk, Dv, chunk_size,
@@ -82,7 +63,7 @@ class MetaplasticFusedFn(torch.autograd.Function):
         dlog_alpha = torch.empty_like(log_alpha)
         dM0, dJ0 = q.new_empty(B, H, Dv, Dk), q.new_empty(B, H, Dv, Dk)
         dprior = q.new_empty(B, H)
-        kernel = _kernel("backward", q.dtype)
+        kernel = KERNEL.function("backward", q.dtype)
         inputs = [native.pointer(x) for x in (q, k, v, beta, log_alpha, prior, starts)]
         grads = [native.pointer(x)
                  for x in (do, du, dM_T, dJ_T, dq, dk, dv, dbeta, dlog_alpha, dM0, dJ0, dprior)]
