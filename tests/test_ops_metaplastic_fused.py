@@ -197,3 +197,32 @@ def test_the_build_is_cached_by_source_and_machine(tmp_path, monkeypatch):
     edited = tmp_path / fused.KERNEL.source.name  # another source text: another library
     edited.write_text(fused.KERNEL.source.read_text() + "\n// edited\n")
     assert native.build(edited, compiler) != first
+
+
+def _fused_in_child(queue):
+    torch.set_num_threads(2)
+    q, k, v, beta, log_alpha = make_inputs(20)
+    queue.put(metaplastic_attention(q, k, v, beta, log_alpha, mode="fused").sum().item())
+
+
+def test_a_forked_child_runs_the_kernel_on_its_own_threads():
+    """The kernel's thread pool lives on in the parent; a forked child (a DataLoader worker, say)
+    must start its own rather than wait on threads it does not have."""
+    import multiprocessing
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, k, v, beta, log_alpha = make_inputs(20)
+        expected = metaplastic_attention(q, k, v, beta, log_alpha, mode="fused").sum().item()  # parent's pool
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_fused_in_child, args=(queue,))
+        child.start()
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
+        assert child.exitcode == 0, "the forked child hung or failed"
+        assert queue.get(timeout=5) == expected
+    finally:
+        torch.set_num_threads(threads)

@@ -14,6 +14,7 @@ Kernels take raw pointers and a range of independent rows; ``on_threads`` runs d
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -135,6 +136,14 @@ def worker_count(rows: int) -> int:
     return max(1, min(torch.get_num_threads(), rows))
 
 
+@functools.cache
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """One long-lived pool per thread count and process. Starting threads on every call cost more
+    than the kernel at small sizes (they compete with torch's own threads while those spin down);
+    the pid keeps a forked child (a DataLoader worker) from waiting on its parent's threads."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="routemem-kernel")
+
+
 def on_threads(call, rows: int, workers: int) -> None:
     """Run ``call(worker, begin, end)`` for ``workers`` disjoint ranges of ``rows``, each on its
     own thread (``worker`` indexes per-thread partial sums where a kernel keeps them)."""
@@ -142,5 +151,4 @@ def on_threads(call, rows: int, workers: int) -> None:
     if workers == 1:
         call(0, 0, rows)
         return
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(call, range(workers), bounds[:-1], bounds[1:]))
+    list(_pool(workers, os.getpid()).map(call, range(workers), bounds[:-1], bounds[1:]))
