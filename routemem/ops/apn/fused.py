@@ -20,7 +20,7 @@ from routemem.ops import native
 _P, _I = native.POINTER, native.INT64
 KERNEL = native.Kernel(Path(__file__).with_name("fused_kernel.cpp"), "patch", {
     "forward": [_P] * 5 + [_I] * 3 + [_P] + [_I] * 2,
-    "backward": [_P] * 7 + [_I] * 3 + [_P] * 5 + [_I] * 2,
+    "backward": [_P] * 7 + [_I] * 4 + [_P] * 5 + [_I] * 2,
 })
 available, applies_to = KERNEL.available, KERNEL.applies_to
 
@@ -48,7 +48,7 @@ class PatchMixtureFn(torch.autograd.Function):
     def backward(ctx, grad):
         code, indices, weights, gate, Ut, a = ctx.saved_tensors
         grad = grad.contiguous()
-        (N, k), (_, r, d) = indices.shape, Ut.shape
+        (N, k), (K, r, d) = indices.shape, Ut.shape
         workers = native.worker_count(N)
         dcode, dweights = torch.empty_like(code), torch.empty_like(weights)
         # U, a and b are shared by all tokens: one partial sum per thread, added up afterwards.
@@ -57,7 +57,7 @@ class PatchMixtureFn(torch.autograd.Function):
         args = [native.pointer(x) for x in (code, indices, weights, gate, Ut, a, grad)]
 
         def run(worker, lo, hi):
-            kernel(*args, k, d, r, native.pointer(dcode), native.pointer(dweights),
+            kernel(*args, K, k, d, r, native.pointer(dcode), native.pointer(dweights),
                    *(native.pointer(x[worker]) for x in (dUt, da, db)), lo, hi)
 
         native.on_threads(run, N, workers)

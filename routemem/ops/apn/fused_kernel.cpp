@@ -65,47 +65,81 @@ void forward(const S* code, const int64_t* idx, const S* w, const S* gate, const
   }
 }
 
+// G assignments m[0..G) of the same patch i at once: each vector of U_i's row and of dU_i's row
+// is loaded once for all G (and dU_i stored once), against G times one assignment at a time; the
+// loads and stores, not the multiply-adds, bound this loop.
+template <typename S, int G>
+void backward_group(const int64_t* m, int64_t i, const S* code, const S* w, const S* gate,
+                    const S* Ut, const S* a, const S* grad, int64_t k, int64_t d, int64_t r,
+                    S* dcode, S* dw, S* dUt, S* da, S* db) {
+  constexpr int64_t lanes = sizeof(Vec<S>) / sizeof(S);
+  const S *g[G], *c[G], *sg[G];
+  S dw_m[G] = {};
+  for (int q = 0; q < G; ++q) {
+    g[q] = grad + (m[q] / k) * d;
+    c[q] = code + (m[q] / k) * r;
+    sg[q] = gate + m[q] * r;
+  }
+  for (int64_t s = 0; s < r; ++s) {
+    const S* row = Ut + (i * r + s) * d;
+    S* drow = dUt + (i * r + s) * d;
+    S phi[G], wphi[G], h[G] = {};
+    for (int q = 0; q < G; ++q) {
+      phi[q] = c[q][s] * sg[q][s];
+      wphi[q] = w[m[q]] * phi[q];
+    }
+    Vec<S> dots[G] = {};
+    int64_t e = 0;
+    for (; e + lanes <= d; e += lanes) {
+      const Vec<S> u = load(row + e);
+      Vec<S> du = load(drow + e);
+      for (int q = 0; q < G; ++q) {
+        const Vec<S> ge = load(g[q] + e);
+        dots[q] += u * ge;     // h_s = (U_i^T g)_s
+        du += wphi[q] * ge;    // dU_i += w g phi^T (transposed layout)
+      }
+      store(drow + e, du);
+    }
+    for (int q = 0; q < G; ++q)
+      for (int64_t v = 0; v < lanes; ++v) h[q] += dots[q][v];
+    for (; e < d; ++e)  // the remainder when d is not a multiple of the vector width
+      for (int q = 0; q < G; ++q) {
+        h[q] += row[e] * g[q][e];
+        drow[e] += wphi[q] * g[q][e];
+      }
+    for (int q = 0; q < G; ++q) {
+      dw_m[q] += h[q] * phi[q];
+      const S dphi = w[m[q]] * h[q];
+      const S dx = dphi * c[q][s] * sg[q][s] * (S(1) - sg[q][s]);
+      dcode[(m[q] / k) * r + s] += dphi * sg[q][s] + dx * a[i * r + s];
+      da[i * r + s] += dx * c[q][s];
+      db[i * r + s] += dx;
+    }
+  }
+  for (int q = 0; q < G; ++q) dw[m[q]] = dw_m[q];
+}
+
+// The range's assignments are visited patch by patch (a counting sort, O(assignments)), in
+// groups of four. Tokens [begin, end) belong to this call, so their dcode rows have no other writer.
 template <typename S>
 void backward(const S* code, const int64_t* idx, const S* w, const S* gate, const S* Ut,
-              const S* a, const S* grad, int64_t k, int64_t d, int64_t r, S* dcode, S* dw, S* dUt,
-              S* da, S* db, int64_t begin, int64_t end) {
-  constexpr int64_t lanes = sizeof(Vec<S>) / sizeof(S);
-  for (int64_t n = begin; n < end; ++n) {
-    const S* g = grad + n * d;
-    const S* c = code + n * r;
-    S* dc = dcode + n * r;
-    for (int64_t s = 0; s < r; ++s) dc[s] = 0;
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t i = idx[n * k + j];
-      const S wj = w[n * k + j];
-      const S* sg = gate + (n * k + j) * r;
-      S dw_nj = 0;
-      for (int64_t s = 0; s < r; ++s) {
-        const S* row = Ut + (i * r + s) * d;
-        S* drow = dUt + (i * r + s) * d;
-        const S phi = c[s] * sg[s], wphi = wj * phi;
-        Vec<S> dots = {};
-        int64_t e = 0;
-        for (; e + lanes <= d; e += lanes) {
-          const Vec<S> ge = load(g + e);
-          dots += load(row + e) * ge;                   // h_s = (U_i^T g)_s
-          store(drow + e, load(drow + e) + wphi * ge);  // dU_i += w g phi^T (transposed layout)
-        }
-        S h = 0;
-        for (int64_t v = 0; v < lanes; ++v) h += dots[v];
-        for (; e < d; ++e) {  // the remainder when d is not a multiple of the vector width
-          h += row[e] * g[e];
-          drow[e] += wphi * g[e];
-        }
-        dw_nj += h * phi;
-        const S dphi = wj * h;
-        const S dx = dphi * c[s] * sg[s] * (S(1) - sg[s]);
-        dc[s] += dphi * sg[s] + dx * a[i * r + s];
-        da[i * r + s] += dx * c[s];
-        db[i * r + s] += dx;
-      }
-      dw[n * k + j] = dw_nj;
-    }
+              const S* a, const S* grad, int64_t K, int64_t k, int64_t d, int64_t r, S* dcode,
+              S* dw, S* dUt, S* da, S* db, int64_t begin, int64_t end) {
+  constexpr int G = 4;
+  const int64_t first = begin * k, count = (end - begin) * k;  // assignments m = n * k + j
+  std::vector<int64_t> start(K + 1, 0), order(count);
+  for (int64_t m = first; m < first + count; ++m) ++start[idx[m] + 1];
+  for (int64_t i = 0; i < K; ++i) start[i + 1] += start[i];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t m = first; m < first + count; ++m) order[fill[idx[m]]++] = m;
+  for (int64_t n = begin; n < end; ++n)
+    for (int64_t s = 0; s < r; ++s) dcode[n * r + s] = 0;
+  for (int64_t i = 0; i < K; ++i) {
+    int64_t p = start[i];
+    for (; p + G <= start[i + 1]; p += G)
+      backward_group<S, G>(&order[p], i, code, w, gate, Ut, a, grad, k, d, r, dcode, dw, dUt, da, db);
+    for (; p < start[i + 1]; ++p)
+      backward_group<S, 1>(&order[p], i, code, w, gate, Ut, a, grad, k, d, r, dcode, dw, dUt, da, db);
   }
 }
 
@@ -119,9 +153,9 @@ void backward(const S* code, const int64_t* idx, const S* w, const S* gate, cons
   }                                                                                                \
   extern "C" void patch_backward_##suffix(                                                         \
       const S* code, const int64_t* idx, const S* w, const S* gate, const S* Ut, const S* a,      \
-      const S* grad, int64_t k, int64_t d, int64_t r, S* dcode, S* dw, S* dUt, S* da, S* db,      \
-      int64_t begin, int64_t end) {                                                                \
-    backward<S>(code, idx, w, gate, Ut, a, grad, k, d, r, dcode, dw, dUt, da, db, begin, end);    \
+      const S* grad, int64_t K, int64_t k, int64_t d, int64_t r, S* dcode, S* dw, S* dUt, S* da,  \
+      S* db, int64_t begin, int64_t end) {                                                         \
+    backward<S>(code, idx, w, gate, Ut, a, grad, K, k, d, r, dcode, dw, dUt, da, db, begin, end); \
   }
 
 ROUTEMEM_EXPORT(float, f32)
