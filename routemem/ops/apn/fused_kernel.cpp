@@ -19,7 +19,7 @@
 namespace {
 
 // Written with GCC/Clang vector types (64 bytes; split in two where the CPU has only 32-byte
-// registers): left to itself, the compiler kept the forward's accumulators on the stack.
+// registers): left to itself, the compiler kept the accumulators on the stack.
 template <typename S> struct VecOf;
 template <> struct VecOf<float> { typedef float type __attribute__((vector_size(64))); };
 template <> struct VecOf<double> { typedef double type __attribute__((vector_size(64))); };
@@ -63,6 +63,20 @@ void forward(const S* code, const int64_t* idx, const S* w, const S* gate, const
       o[e0] = acc;
     }
   }
+}
+
+// The assignments m = n * k + j of tokens [begin, end) sorted by patch (a counting sort,
+// O(assignments)): patch i's are order[start[i] .. start[i + 1]). Backward visits them in this
+// order so that one patch's rows of U and dU stay in L1 while its assignments stream past.
+// (Forward stays token by token: there the output row, not U, would move per assignment.)
+inline void by_patch(const int64_t* idx, int64_t K, int64_t k, int64_t begin, int64_t end,
+                     std::vector<int64_t>& start, std::vector<int64_t>& order) {
+  start.assign(K + 1, 0);
+  order.resize((end - begin) * k);
+  for (int64_t m = begin * k; m < end * k; ++m) ++start[idx[m] + 1];
+  for (int64_t i = 0; i < K; ++i) start[i + 1] += start[i];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t m = begin * k; m < end * k; ++m) order[fill[idx[m]]++] = m;
 }
 
 // G assignments m[0..G) of the same patch i at once: each vector of U_i's row and of dU_i's row
@@ -119,19 +133,15 @@ void backward_group(const int64_t* m, int64_t i, const S* code, const S* w, cons
   for (int q = 0; q < G; ++q) dw[m[q]] = dw_m[q];
 }
 
-// The range's assignments are visited patch by patch (a counting sort, O(assignments)), in
-// groups of four. Tokens [begin, end) belong to this call, so their dcode rows have no other writer.
+// Patch by patch, four assignments at a time. Tokens [begin, end) belong to this call, so their
+// dcode rows have no other writer.
 template <typename S>
 void backward(const S* code, const int64_t* idx, const S* w, const S* gate, const S* Ut,
               const S* a, const S* grad, int64_t K, int64_t k, int64_t d, int64_t r, S* dcode,
               S* dw, S* dUt, S* da, S* db, int64_t begin, int64_t end) {
   constexpr int G = 4;
-  const int64_t first = begin * k, count = (end - begin) * k;  // assignments m = n * k + j
-  std::vector<int64_t> start(K + 1, 0), order(count);
-  for (int64_t m = first; m < first + count; ++m) ++start[idx[m] + 1];
-  for (int64_t i = 0; i < K; ++i) start[i + 1] += start[i];
-  std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t m = first; m < first + count; ++m) order[fill[idx[m]]++] = m;
+  std::vector<int64_t> start, order;
+  by_patch(idx, K, k, begin, end, start, order);
   for (int64_t n = begin; n < end; ++n)
     for (int64_t s = 0; s < r; ++s) dcode[n * r + s] = 0;
   for (int64_t i = 0; i < K; ++i) {
