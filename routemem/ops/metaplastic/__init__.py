@@ -54,6 +54,8 @@ def metaplastic_attention(q, k, v, beta, log_alpha, *, i_prior=1.0, scale=None, 
     asked the result is a tuple in that order, otherwise o alone.
     ``mode``: "reference" (a loop over t), "chunk" (PyTorch, any device), "fused" (compiled CPU
     kernel) or "auto" (fused where it applies, else chunk); all compute the same function.
+    ``chunk_size``: the chunk form's block length; for "fused", the backward's recompute window
+    (it holds chunk_size * Dv * Dk * 2 values per thread) and the spacing of the saved states.
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     expect_shape("beta", beta, (B, T, H, Dv), "[B, T, H, Dv] like v")
