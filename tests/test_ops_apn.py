@@ -255,12 +255,15 @@ def test_grouped_equals_reference_for_any_tile_size(tile):
 
 
 @pytest.mark.skipif(not fused.available(), reason="the fused kernel needs a C++ compiler")
-@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["f64", "f32"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("r", [3, 8, 16, 32, 64])
 @pytest.mark.parametrize("d", [64, 100, 130])
-def test_fused_matches_reference_at_widths_its_vector_blocks_cover(d, dtype, rtol):
-    """The kernel works in blocks of 64 bytes x 4 and a scalar remainder: widths that fill the
-    blocks exactly, and that leave a remainder of a few values or of a partial vector."""
-    x = make_inputs(24, d, 5, 3, dtype)
+def test_fused_matches_reference_at_shapes_its_vector_paths_cover(d, r, dtype):
+    """The kernel works on 64-byte vectors (16 floats, 8 doubles): d in blocks of 4 vectors plus a
+    remainder, and the code gradient vectorised over r when r is 1, 2 or 4 vectors (else one dot
+    product per code entry). These widths cover each path, with and without remainders."""
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    x = make_inputs(24, d, 5, r, dtype)
     assert_close_scaled(forward_backward("fused", x, 2), forward_backward("reference", x, 2), rtol)
 
 

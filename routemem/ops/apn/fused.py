@@ -20,7 +20,7 @@ from routemem.ops import native
 _P, _I = native.POINTER, native.INT64
 KERNEL = native.Kernel(Path(__file__).with_name("fused_kernel.cpp"), "patch", {
     "forward": [_P] * 5 + [_I] * 3 + [_P] + [_I] * 2,
-    "backward": [_P] * 7 + [_I] * 4 + [_P] * 5 + [_I] * 2,
+    "backward": [_P] * 8 + [_I] * 4 + [_P] * 5 + [_I] * 2,
 })
 available, applies_to = KERNEL.available, KERNEL.applies_to
 
@@ -30,7 +30,7 @@ class PatchMixtureFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, code, indices, weights, U, a, b):
-        code, indices, weights, a = (x.contiguous() for x in (code, indices, weights, a))
+        code, indices, weights, U, a = (x.contiguous() for x in (code, indices, weights, U, a))
         (N, k), (_, d, r) = indices.shape, U.shape
         flat = indices.flatten()
         gate = torch.sigmoid(a.index_select(0, flat).view(N, k, r) * code[:, None]
@@ -41,12 +41,12 @@ class PatchMixtureFn(torch.autograd.Function):
         args = [native.pointer(x) for x in (code, indices, weights, gate, Ut)]
         native.on_threads(lambda _, lo, hi: kernel(*args, k, d, r, native.pointer(out), lo, hi),
                           N, native.worker_count(N))
-        ctx.save_for_backward(code, indices, weights, gate, Ut, a)
+        ctx.save_for_backward(code, indices, weights, gate, U, Ut, a)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        code, indices, weights, gate, Ut, a = ctx.saved_tensors
+        code, indices, weights, gate, U, Ut, a = ctx.saved_tensors
         grad = grad.contiguous()
         (N, k), (K, r, d) = indices.shape, Ut.shape
         workers = native.worker_count(N)
@@ -54,7 +54,7 @@ class PatchMixtureFn(torch.autograd.Function):
         # U, a and b are shared by all tokens: one partial sum per thread, added up afterwards.
         dUt, da, db = (code.new_zeros(workers, *x.shape) for x in (Ut, a, a))
         kernel = KERNEL.function("backward", code.dtype)
-        args = [native.pointer(x) for x in (code, indices, weights, gate, Ut, a, grad)]
+        args = [native.pointer(x) for x in (code, indices, weights, gate, U, Ut, a, grad)]
 
         def run(worker, lo, hi):
             kernel(*args, K, k, d, r, native.pointer(dcode), native.pointer(dweights),

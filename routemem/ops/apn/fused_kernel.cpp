@@ -79,13 +79,49 @@ inline void by_patch(const int64_t* idx, int64_t K, int64_t k, int64_t begin, in
   for (int64_t m = begin * k; m < end * k; ++m) order[fill[idx[m]]++] = m;
 }
 
-// G assignments m[0..G) of the same patch i at once: each vector of U_i's row and of dU_i's row
-// is loaded once for all G (and dU_i stored once), against G times one assignment at a time; the
-// loads and stores, not the multiply-adds, bound this loop.
+// h_q = U_i^T g_q for G assignments of patch i, into h[q * r + s]. With r a multiple of the vector
+// width (CH vectors), vectorised over r from U_i in [d, r] layout: each row of U_i is loaded once
+// for all G and the sums stay in registers. Otherwise one dot product per (q, s) over d.
+template <typename S, int G, int CH>
+void codes_by_rows(const S* const* g, const S* Ui, int64_t d, int64_t r, S* h) {
+  constexpr int64_t lanes = sizeof(Vec<S>) / sizeof(S);
+  Vec<S> acc[G][CH] = {};
+  for (int64_t e = 0; e < d; ++e)
+    for (int c = 0; c < CH; ++c) {
+      const Vec<S> u = load(Ui + e * r + c * lanes);
+      for (int q = 0; q < G; ++q) acc[q][c] += g[q][e] * u;
+    }
+  for (int q = 0; q < G; ++q)
+    for (int c = 0; c < CH; ++c) store(h + q * r + c * lanes, acc[q][c]);
+}
+
+template <typename S, int G>
+void codes_by_dots(const S* const* g, const S* Uti, int64_t d, int64_t r, S* h) {
+  constexpr int64_t lanes = sizeof(Vec<S>) / sizeof(S);
+  for (int64_t s = 0; s < r; ++s) {
+    const S* row = Uti + s * d;
+    Vec<S> dots[G] = {};
+    int64_t e = 0;
+    for (; e + lanes <= d; e += lanes) {
+      const Vec<S> u = load(row + e);
+      for (int q = 0; q < G; ++q) dots[q] += u * load(g[q] + e);
+    }
+    for (int q = 0; q < G; ++q) {
+      S sum = 0;
+      for (int64_t v = 0; v < lanes; ++v) sum += dots[q][v];
+      for (int64_t x = e; x < d; ++x) sum += row[x] * g[q][x];  // the remainder of d
+      h[q * r + s] = sum;
+    }
+  }
+}
+
+// G assignments m[0..G) of the same patch i at once: each vector of U_i and of dU_i is loaded
+// once for all G (and dU_i stored once), against G times one assignment at a time; the loads and
+// stores, not the multiply-adds, bound this loop. h: scratch of G * r values.
 template <typename S, int G>
 void backward_group(const int64_t* m, int64_t i, const S* code, const S* w, const S* gate,
-                    const S* Ut, const S* a, const S* grad, int64_t k, int64_t d, int64_t r,
-                    S* dcode, S* dw, S* dUt, S* da, S* db) {
+                    const S* U, const S* Ut, const S* a, const S* grad, int64_t k, int64_t d,
+                    int64_t r, S* dcode, S* dw, S* dUt, S* da, S* db, S* h) {
   constexpr int64_t lanes = sizeof(Vec<S>) / sizeof(S);
   const S *g[G], *c[G], *sg[G];
   S dw_m[G] = {};
@@ -94,36 +130,30 @@ void backward_group(const int64_t* m, int64_t i, const S* code, const S* w, cons
     c[q] = code + (m[q] / k) * r;
     sg[q] = gate + m[q] * r;
   }
+  const S* Ui = U + i * d * r;
+  if (r == lanes) codes_by_rows<S, G, 1>(g, Ui, d, r, h);
+  else if (r == 2 * lanes) codes_by_rows<S, G, 2>(g, Ui, d, r, h);
+  else if (r == 4 * lanes) codes_by_rows<S, G, 4>(g, Ui, d, r, h);
+  else codes_by_dots<S, G>(g, Ut + i * r * d, d, r, h);
   for (int64_t s = 0; s < r; ++s) {
-    const S* row = Ut + (i * r + s) * d;
     S* drow = dUt + (i * r + s) * d;
-    S phi[G], wphi[G], h[G] = {};
+    S phi[G], wphi[G];
     for (int q = 0; q < G; ++q) {
       phi[q] = c[q][s] * sg[q][s];
       wphi[q] = w[m[q]] * phi[q];
     }
-    Vec<S> dots[G] = {};
     int64_t e = 0;
-    for (; e + lanes <= d; e += lanes) {
-      const Vec<S> u = load(row + e);
+    for (; e + lanes <= d; e += lanes) {  // dU_i += w g phi^T (transposed layout)
       Vec<S> du = load(drow + e);
-      for (int q = 0; q < G; ++q) {
-        const Vec<S> ge = load(g[q] + e);
-        dots[q] += u * ge;     // h_s = (U_i^T g)_s
-        du += wphi[q] * ge;    // dU_i += w g phi^T (transposed layout)
-      }
+      for (int q = 0; q < G; ++q) du += wphi[q] * load(g[q] + e);
       store(drow + e, du);
     }
-    for (int q = 0; q < G; ++q)
-      for (int64_t v = 0; v < lanes; ++v) h[q] += dots[q][v];
-    for (; e < d; ++e)  // the remainder when d is not a multiple of the vector width
-      for (int q = 0; q < G; ++q) {
-        h[q] += row[e] * g[q][e];
-        drow[e] += wphi[q] * g[q][e];
-      }
+    for (; e < d; ++e)
+      for (int q = 0; q < G; ++q) drow[e] += wphi[q] * g[q][e];
     for (int q = 0; q < G; ++q) {
-      dw_m[q] += h[q] * phi[q];
-      const S dphi = w[m[q]] * h[q];
+      const S hs = h[q * r + s];
+      dw_m[q] += hs * phi[q];
+      const S dphi = w[m[q]] * hs;
       const S dx = dphi * c[q][s] * sg[q][s] * (S(1) - sg[q][s]);
       dcode[(m[q] / k) * r + s] += dphi * sg[q][s] + dx * a[i * r + s];
       da[i * r + s] += dx * c[q][s];
@@ -136,20 +166,23 @@ void backward_group(const int64_t* m, int64_t i, const S* code, const S* w, cons
 // Patch by patch, four assignments at a time. Tokens [begin, end) belong to this call, so their
 // dcode rows have no other writer.
 template <typename S>
-void backward(const S* code, const int64_t* idx, const S* w, const S* gate, const S* Ut,
-              const S* a, const S* grad, int64_t K, int64_t k, int64_t d, int64_t r, S* dcode,
-              S* dw, S* dUt, S* da, S* db, int64_t begin, int64_t end) {
+void backward(const S* code, const int64_t* idx, const S* w, const S* gate, const S* U,
+              const S* Ut, const S* a, const S* grad, int64_t K, int64_t k, int64_t d, int64_t r,
+              S* dcode, S* dw, S* dUt, S* da, S* db, int64_t begin, int64_t end) {
   constexpr int G = 4;
   std::vector<int64_t> start, order;
   by_patch(idx, K, k, begin, end, start, order);
+  std::vector<S> h(G * r);
   for (int64_t n = begin; n < end; ++n)
     for (int64_t s = 0; s < r; ++s) dcode[n * r + s] = 0;
   for (int64_t i = 0; i < K; ++i) {
     int64_t p = start[i];
     for (; p + G <= start[i + 1]; p += G)
-      backward_group<S, G>(&order[p], i, code, w, gate, Ut, a, grad, k, d, r, dcode, dw, dUt, da, db);
+      backward_group<S, G>(&order[p], i, code, w, gate, U, Ut, a, grad, k, d, r, dcode, dw, dUt,
+                           da, db, h.data());
     for (; p < start[i + 1]; ++p)
-      backward_group<S, 1>(&order[p], i, code, w, gate, Ut, a, grad, k, d, r, dcode, dw, dUt, da, db);
+      backward_group<S, 1>(&order[p], i, code, w, gate, U, Ut, a, grad, k, d, r, dcode, dw, dUt,
+                           da, db, h.data());
   }
 }
 
@@ -162,10 +195,11 @@ void backward(const S* code, const int64_t* idx, const S* w, const S* gate, cons
     forward<S>(code, idx, w, gate, Ut, k, d, r, out, begin, end);                                 \
   }                                                                                                \
   extern "C" void patch_backward_##suffix(                                                         \
-      const S* code, const int64_t* idx, const S* w, const S* gate, const S* Ut, const S* a,      \
-      const S* grad, int64_t K, int64_t k, int64_t d, int64_t r, S* dcode, S* dw, S* dUt, S* da,  \
-      S* db, int64_t begin, int64_t end) {                                                         \
-    backward<S>(code, idx, w, gate, Ut, a, grad, K, k, d, r, dcode, dw, dUt, da, db, begin, end); \
+      const S* code, const int64_t* idx, const S* w, const S* gate, const S* U, const S* Ut,      \
+      const S* a, const S* grad, int64_t K, int64_t k, int64_t d, int64_t r, S* dcode, S* dw,     \
+      S* dUt, S* da, S* db, int64_t begin, int64_t end) {                                          \
+    backward<S>(code, idx, w, gate, U, Ut, a, grad, K, k, d, r, dcode, dw, dUt, da, db, begin,    \
+                end);                                                                              \
   }
 
 ROUTEMEM_EXPORT(float, f32)
