@@ -2,8 +2,9 @@
 
 The grouped PyTorch form moves an [assignments, d] tensor through memory several times (its
 batched matmul's output, the scatter to tokens, and in backward the gathered gradient read by two
-matmuls). ``fused_kernel.cpp`` accumulates each token's output in registers, keeps all of U in
-cache, and does the gates' backward in the same loop. Two cheap steps stay in PyTorch: the code
+matmuls). ``fused_kernel.cpp`` accumulates each token's output in registers with all of U in
+cache; its backward visits each thread's assignments patch by patch, a few at a time, and does the
+gates' backward in the same loop. Two cheap steps stay in PyTorch: the code
 u = V^T z (autograd differentiates z and V as usual) and the gates' sigmoid (vectorised).
 
 Compiled on first use (``routemem.ops.native``); ``available()`` says whether that worked here.
