@@ -1,7 +1,8 @@
 """Tests of routemem.ops.apn (Attractor Patch Network ops): cosine top-k routing held equal to a
 brute-force computation, the grouped patch mixture and the fused kernel held equal to the per-patch
-loop (outputs and every gradient, through the router too), float64 gradcheck, exact zero gradients for unrouted
-patches, the load-balance loss and the routing diagnostics, input validation and empty input."""
+loop (outputs and every gradient, through the router too), float64 gradcheck, exact zero gradients
+for unrouted patches, the load-balance loss and the routing diagnostics, input validation and empty
+input. The fused kernel's own cases are in test_ops_apn_fused.py."""
 
 import math
 
@@ -18,31 +19,13 @@ from routemem.ops.apn import (
     route,
     routing_stats,
 )
-from routemem.ops.apn import fused
 from routemem.ops.apn.grouped import patch_mixture_grouped
 
+from apn_inputs import D0, K0, R0, assert_close_scaled, forward_backward, good_inputs, make_inputs
 from op_checks import needs_compiler
 
 FAST = ["grouped", needs_compiler("fused")]  # every fast form, held equal to the reference
 ALL_MODES = ["reference", *FAST, needs_compiler("auto")]
-
-
-def make_inputs(N, d, K, r, dtype=torch.float64, *, unbalanced=False):
-    """z [N, d], prototypes [K, d], V [d, r], U [K, d, r], a, b [K, r] (a, b non-zero so the gate
-    matters). ``unbalanced``: every token is a small perturbation of prototype 0, so nearly all
-    tokens pick patch 0 first."""
-    gen = torch.Generator().manual_seed(N * 1000 + d * 100 + K * 10 + r)
-
-    def randn(*shape):  # drawn in float64: the same numbers whatever the dtype
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    prototypes = randn(K, d)
-    z = randn(N, d)
-    if unbalanced:
-        z = prototypes[0] + 0.3 * z
-    out = {"z": z, "prototypes": prototypes, "V": randn(d, r) / math.sqrt(d), "U": randn(K, d, r),
-           "a": randn(K, r), "b": randn(K, r)}
-    return {name: t.to(dtype) for name, t in out.items()}
 
 
 def brute_force_route(z, prototypes, k, tau):
@@ -64,21 +47,6 @@ def brute_force_route(z, prototypes, k, tau):
         rows_w.append(e / e.sum())
         rows_s.append(torch.stack(scores))
     return torch.tensor(rows_idx, dtype=torch.long).view(N, k), torch.stack(rows_w), torch.stack(rows_s)
-
-
-def assert_close_scaled(actual: dict, expected: dict, rtol: float) -> None:
-    """Max abs error of each tensor within rtol of that tensor's own scale (its max abs)."""
-    assert actual.keys() == expected.keys()
-    for name, want in expected.items():
-        got = actual[name]
-        assert got is not None and got.shape == want.shape, name
-        if not got.is_floating_point():
-            assert torch.equal(got, want), f"{name} differs"
-            continue
-        assert torch.isfinite(got).all(), name
-        err = (got - want).abs().max().item() if got.numel() else 0.0
-        scale = max(want.abs().max().item() if want.numel() else 0.0, 1e-6)
-        assert err <= rtol * scale, f"{name}: max error {err:.3g} (scale {scale:.3g})"
 
 
 # --- routing --------------------------------------------------------------------------------
@@ -130,27 +98,6 @@ def test_route_ignores_norms_and_scales_with_tau():
 
 
 # --- patch mixture: grouped, fused == reference -----------------------------------------------------
-
-
-def forward_backward(mode, x, k, tau=0.5, indices=None, weights=None):
-    """Route (or take fixed ``indices``/``weights``), mix, and backprop a fixed random cotangent.
-    Returns the output, the indices and the gradient of every input (weights included)."""
-    leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
-    if indices is None:
-        routing = route(leaves["z"], leaves["prototypes"], k, tau)
-        indices, w = routing.indices, routing.weights
-        w.retain_grad()
-    else:
-        w = weights.detach().clone().requires_grad_()
-    out = patch_mixture(leaves["z"], indices, w, leaves["V"], leaves["U"], leaves["a"], leaves["b"], mode=mode)
-    gen = torch.Generator().manual_seed(1)
-    cotangent = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
-    (out * cotangent).sum().backward()
-    result = {"out": out.detach(), "indices": indices, "grad weights": w.grad}
-    for n, t in leaves.items():
-        if n != "prototypes" or weights is None:
-            result[f"grad {n}"] = t.grad if t.grad is not None else torch.zeros_like(t)
-    return result
 
 
 SHAPES = [  # N, d, K, r, k
@@ -252,19 +199,6 @@ def test_grouped_equals_reference_for_any_tile_size(tile):
     ref = patch_mixture(x["z"], routing.indices, weights, x["V"], x["U"], x["a"], x["b"], mode="reference")
     out = patch_mixture_grouped(x["z"], routing.indices, weights, x["V"], x["U"], x["a"], x["b"], tile=tile)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.skipif(not fused.available(), reason="the fused kernel needs a C++ compiler")
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("r", [3, 8, 16, 32, 64])
-@pytest.mark.parametrize("d", [64, 100, 130])
-def test_fused_matches_reference_at_shapes_its_vector_paths_cover(d, r, dtype):
-    """The kernel works on 64-byte vectors (16 floats, 8 doubles): d in blocks of 4 vectors plus a
-    remainder, and the code gradient vectorised over r when r is 1, 2 or 4 vectors (else one dot
-    product per code entry). These widths cover each path, with and without remainders."""
-    rtol = 1e-12 if dtype == torch.float64 else 1e-5
-    x = make_inputs(24, d, 5, r, dtype)
-    assert_close_scaled(forward_backward("fused", x, 2), forward_backward("reference", x, 2), rtol)
 
 
 # --- gradcheck ------------------------------------------------------------------------------
@@ -418,16 +352,6 @@ def test_routing_stats_hand_built():
 
 # --- input validation and edge cases ----------------------------------------------------------
 
-N0, D0, K0, R0, KK = 6, 4, 3, 2, 2
-
-
-def good_inputs(dtype=torch.float32):
-    x = make_inputs(N0, D0, K0, R0, dtype)
-    return {"z": x["z"], "indices": torch.randint(0, K0, (N0, KK)),
-            "weights": torch.rand(N0, KK, dtype=torch.float64).to(dtype),
-            "V": x["V"], "U": x["U"], "a": x["a"], "b": x["b"]}
-
-
 BAD_INPUTS = {  # case: (argument replaced, its bad value given the good inputs, expected message)
     "z not 2-d": ("z", lambda x: x["z"][None], r"^z must be \[N, d\]"),
     "U not 3-d": ("U", lambda x: x["U"][0], r"^U must be \[K, d"),
@@ -469,37 +393,6 @@ def test_modes():
     assert set(MODES) == {"reference", "grouped", "fused", "auto"}
     x = good_inputs()
     torch.testing.assert_close(patch_mixture(**x), patch_mixture(**x, mode="grouped"))  # grouped by default
-
-
-@pytest.mark.skipif(not fused.available(), reason="the fused kernel needs a C++ compiler")
-def test_auto_is_fused_on_cpu_and_grouped_where_fused_cannot_run():
-    x = good_inputs()
-    assert torch.equal(patch_mixture(**x, mode="auto"), patch_mixture(**x, mode="fused"))
-    half = {n: (t.to(torch.bfloat16) if t.is_floating_point() else t) for n, t in x.items()}
-    with pytest.raises(ValueError, match="float32 or float64"):
-        patch_mixture(**half, mode="fused")
-    torch.testing.assert_close(patch_mixture(**half, mode="auto"), patch_mixture(**half, mode="grouped"))
-
-
-@pytest.mark.skipif(not fused.available(), reason="the fused kernel needs a C++ compiler")
-def test_fused_threads_split_tokens_and_sum_partial_gradients():
-    """Tokens are split across threads; U, a, b gradients are per-thread partial sums added up."""
-    x = make_inputs(50, 8, 6, 4)
-    indices = torch.randint(0, 6, (50, 3))
-    weights = torch.rand(50, 3, dtype=torch.float64)
-    leaves = [t.clone().requires_grad_() for t in (x["z"], weights, x["V"], x["U"], x["a"], x["b"])]
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 3):
-            torch.set_num_threads(n)
-            z, w, V, U, a, b = leaves
-            out = patch_mixture(z, indices, w, V, U, a, b, mode="fused")
-            results.append((out, *torch.autograd.grad(out.pow(2).sum(), leaves)))
-    finally:
-        torch.set_num_threads(threads)
-    for one, many in zip(*results):
-        torch.testing.assert_close(one, many, rtol=1e-12, atol=1e-12)  # only the summation order differs
 
 
 @pytest.mark.parametrize("mode", FAST)
