@@ -1,7 +1,7 @@
 """Tests of routemem.ops.metaplastic: the chunked form (both backward paths) against the plain-loop
 reference (outputs, final state, every gradient), float64 gradcheck, the paper's special cases
 (beta = 0 is GLA with v / I_prior; a large prior approaches it), state hand-over across a split
-sequence, input validation and the return conventions."""
+sequence (these two for the fused kernel too), input validation and the return conventions."""
 
 import pytest
 import torch
@@ -17,10 +17,14 @@ from metaplastic_inputs import (
     make_inputs,
     make_state,
 )
+from op_checks import needs_compiler
 
 from routemem.ops import gated_linear_attention, metaplastic_attention
 from routemem.ops.metaplastic.chunk import metaplastic_chunk
 from routemem.ops.metaplastic.reference import metaplastic_reference
+
+MODES = ["reference", "chunk", needs_compiler("fused")]  # for the paper's special cases and hand-over
+
 
 # ---------------------------------------------------------------- chunk form vs the reference
 
@@ -95,7 +99,7 @@ def test_gradcheck_float64(mode, chunk_size, recompute):
 
 # ---------------------------------------------------------------- the paper's special cases
 
-@pytest.mark.parametrize("mode", ["reference", "chunk"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("prior", [0.5, 3.0, "per-head"])
 def test_beta_zero_is_gla_with_v_over_prior(mode, prior):
     q, k, v, beta, log_alpha = make_inputs(24)
@@ -108,7 +112,7 @@ def test_beta_zero_is_gla_with_v_over_prior(mode, prior):
     assert o.abs().max() > 0.1  # not trivially zero
 
 
-@pytest.mark.parametrize("mode", ["reference", "chunk"])
+@pytest.mark.parametrize("mode", MODES)
 def test_large_prior_approaches_gla_monotonically(mode):
     """'Mamba2 is the special case where forgetting dominates': with fixed evidence (beta > 0) the
     gap to GLA with v / I_prior shrinks as the prior grows."""
@@ -125,7 +129,7 @@ def test_large_prior_approaches_gla_monotonically(mode):
 
 # ---------------------------------------------------------------- state hand-over
 
-@pytest.mark.parametrize("mode", ["reference", "chunk"])
+@pytest.mark.parametrize("mode", MODES)
 def test_split_sequence_with_state_equals_one_pass(mode):
     T = 40
     q, k, v, beta, log_alpha = make_inputs(T)

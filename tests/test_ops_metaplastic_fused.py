@@ -1,6 +1,7 @@
 """The fused C++ kernel of metaplastic attention (``mode="fused"``) against the plain-loop reference:
-outputs, final state and every gradient (prior and initial state included), float64 gradcheck, the
-special case beta = 0, state hand-over, threads, ``mode="auto"``, and the build/fallback path.
+outputs, final state and every gradient (prior and initial state included), float64 gradcheck,
+threads, ``mode="auto"``, and the build/fallback path. The special cases and the state hand-over
+run for every mode in test_ops_metaplastic.py.
 
 Skipped only where the machine has no C++ compiler at all; a compiler that fails is a failure."""
 
@@ -21,7 +22,7 @@ from metaplastic_inputs import (
     make_state,
 )
 
-from routemem.ops import gated_linear_attention, metaplastic_attention, native
+from routemem.ops import metaplastic_attention, native
 from routemem.ops.metaplastic import fused
 from routemem.ops.metaplastic.reference import metaplastic_reference
 
@@ -98,30 +99,6 @@ def test_gradcheck_float64(chunk_size):
                                             True, chunk_size)))
 
     assert torch.autograd.gradcheck(fn, gradcheck_inputs(), eps=1e-6, atol=1e-7, rtol=1e-5)
-
-
-@pytest.mark.parametrize("prior", [0.5, "per-head"])
-def test_beta_zero_is_gla_with_v_over_prior(prior):
-    q, k, v, beta, log_alpha = make_inputs(24)
-    i_prior = PRIOR if prior == "per-head" else prior
-    divisor = PRIOR.view(1, 1, H, 1) if prior == "per-head" else prior
-    o = metaplastic_attention(q, k, v, torch.zeros_like(beta), log_alpha, i_prior=i_prior, mode="fused")
-    o_gla = gated_linear_attention(q, k, v / divisor, log_alpha, mode="reference")
-    assert_close(o, o_gla, rtol=1e-6)
-    assert o.abs().max() > 0.1
-
-
-def test_split_sequence_with_state_equals_one_pass():
-    q, k, v, beta, log_alpha = make_inputs(40)
-    kwargs = dict(i_prior=PRIOR, mode="fused", chunk_size=16, output_final_state=True)
-    o_full, (mu_full, imp_full) = metaplastic_attention(q, k, v, beta, log_alpha, **kwargs)
-    for split in (1, 16, 33):
-        o1, state = metaplastic_attention(*(x[:, :split] for x in (q, k, v, beta, log_alpha)), **kwargs)
-        o2, (mu, imp) = metaplastic_attention(*(x[:, split:] for x in (q, k, v, beta, log_alpha)),
-                                              initial_state=state, **kwargs)
-        assert_close(torch.cat([o1, o2], dim=1), o_full)
-        assert_close(mu, mu_full)
-        assert_close(imp, imp_full)
 
 
 def test_empty_sequence_returns_the_initial_state():
