@@ -1,9 +1,8 @@
-"""Shared benchmark plumbing: the machine header, a median timer, atomic JSON output."""
+"""Shared benchmark plumbing: the machine header (routemem.machine), a median timer, atomic JSON output."""
 
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -11,20 +10,8 @@ from typing import Callable, Iterable
 
 import torch
 
-import routemem
 from routemem.fileio import write_text_atomic
-
-
-def machine_header() -> dict:
-    return {
-        "routemem": routemem.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
+from routemem.machine import machine_header  # noqa: F401  (re-exported: every suite's header)
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:

@@ -6,22 +6,20 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import statistics
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-import routemem
 from routemem.fileio import write_text_atomic
+from routemem.machine import machine_header
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 
 
 def env_header(device: torch.device | str = "cpu") -> dict:
-    return {"routemem": routemem.__version__, "torch": torch.__version__, "device": str(device),
-            "threads": torch.get_num_threads(), "python": platform.python_version()}
+    return machine_header(device)
 
 
 def summarize(values: list[float]) -> dict:
