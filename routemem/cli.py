@@ -13,15 +13,15 @@ from pathlib import Path
 
 from routemem.errors import TrainingDiverged, UserError
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # inside the package: a wheel has them too
 
 
 def resolve_config_path(name: str) -> Path:
-    """A path, or the name of a shipped config (``charlm-quick`` -> configs/charlm-quick.yaml)."""
+    """A path, or the name of a shipped config (``charlm-quick`` -> routemem/configs/charlm-quick.yaml)."""
     path = Path(name)
     if path.is_file():
         return path
-    shipped = REPO_CONFIGS / (name if name.endswith(".yaml") else f"{name}.yaml")
+    shipped = SHIPPED_CONFIGS / (name if name.endswith(".yaml") else f"{name}.yaml")
     if shipped.is_file():
         return shipped
     raise UserError(f"config file not found: {name}")
