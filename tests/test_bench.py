@@ -1,122 +1,232 @@
-"""The benchmark suites run and report what DESIGN.md asks for (no timing assertions here:
-budgets are checked by the benchmarks themselves)."""
+"""The benchmark suites: one JSON shape for all (docs/benchmarks.md), targets consistent with their
+rows, the device option, and the suite-specific facts each suite reports. No timing assertions here:
+budgets are judged by the benchmarks themselves. Sizes are tiny so the whole file stays fast."""
 
 from __future__ import annotations
 
 import json
+import statistics
 
+import pytest
 import torch
 
-from routemem.bench import run_suite
+from routemem.bench import SUITES, run_suite
+from routemem.bench import apn as apn_bench
+from routemem.bench import palimpsa as palimpsa_bench
 from routemem.bench import train as train_bench
+from routemem.bench.common import all_met, median_seconds, row, target
+from routemem.cli import main
+
+TOP_KEYS = {"suite", "env", "quick", "rows", "targets", "all_targets_met", "info"}
+MEASUREMENT_KEYS = {"median_s", "runs_s", "memory_bytes", "memory_measure", "skipped"}
+TARGET_KEYS = {"name", "what", "numerator", "denominator", "ratio", "threshold", "comparison", "met"}
 
 
-def test_train_bench_reports_ratio_against_plain_loop(tmp_path, monkeypatch):
+@pytest.fixture
+def tiny_palimpsa(monkeypatch):
+    monkeypatch.setattr(palimpsa_bench, "SHAPE", {"B": 1, "H": 2, "Dk": 8, "Dv": 8})
+    monkeypatch.setattr(palimpsa_bench, "LENGTHS", {"quick": (16, 64, 256), "full": (), "full_cuda": ()})
+    monkeypatch.setattr(palimpsa_bench, "TARGET_T", 64)
+    monkeypatch.setattr(palimpsa_bench, "REFERENCE_MAX_T", 64)
+
+
+@pytest.fixture
+def tiny_apn(monkeypatch):
+    for name, value in {"TOKENS": 256, "D": 16, "K": 8, "R": 4, "TOP_K": 2}.items():
+        monkeypatch.setattr(apn_bench, name, value)
+
+
+@pytest.fixture
+def tiny_train(monkeypatch):
     tiny = json.loads(json.dumps(train_bench.BENCH_CONFIG))
     tiny["model"] = {"n_layer": 1, "d_model": 16, "n_head": 2, "max_seq_len": 16}
     tiny["train"]["batch_size"] = 4
     monkeypatch.setattr(train_bench, "BENCH_CONFIG", tiny)
+    monkeypatch.setattr(train_bench, "ROUNDS", {"quick": (3, 3), "full": (), "quick_cuda": (), "full_cuda": ()})
+
+
+def check_shape(result: dict, suite: str, out=None) -> dict:
+    """Every field docs/benchmarks.md promises, and targets that follow from their rows.
+    Returns the rows by ``row_key``."""
+    assert set(result) == TOP_KEYS
+    assert result["suite"] == suite and result["quick"] is True
+    assert {"device", "cpu", "gpu", "torch", "cuda", "git_commit", "threads"} <= set(result["env"])
+    assert result["env"]["device"] == "cpu"
+    if out is not None:  # the file holds exactly what was printed
+        assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+
+    by_name = {}
+    for r in result["rows"]:
+        assert r["direction"] in ("fwd", "fwd+bwd")
+        assert {"median_s", "runs_s", "memory_bytes", "memory_measure"} <= set(r)
+        if "skipped" in r:
+            assert isinstance(r["skipped"], str) and r["skipped"]
+            assert r["median_s"] is None and r["runs_s"] == [] and r["memory_bytes"] is None
+        else:
+            assert r["runs_s"] and min(r["runs_s"]) > 0
+            assert r["median_s"] == statistics.median(r["runs_s"])
+            assert (r["memory_bytes"] is None) == (r["memory_measure"] is None)
+            assert r["memory_measure"] in (None, "saved_for_backward")  # on a CPU
+        names = tuple(sorted((k, v) for k, v in r.items() if k not in MEASUREMENT_KEYS))
+        assert names not in by_name, f"two rows measure the same thing: {names}"  # flat, diffable rows
+        by_name[names] = r
+
+    assert result["targets"]
+    for t in result["targets"]:
+        assert TARGET_KEYS <= set(t) and t["comparison"] in ("<=", ">=") and t["what"]
+        if t["met"] is None:
+            assert t["ratio"] is None and t["skipped"]
+            continue
+        num, den = ([r for r in result["rows"] if all(r.get(k) == v for k, v in t[part].items())]
+                    for part in ("numerator", "denominator"))
+        assert len(num) == len(den) == 1, t["name"]  # a selector names exactly one row
+        assert t["ratio"] == num[0]["median_s"] / den[0]["median_s"]
+        assert t["met"] == (t["ratio"] <= t["threshold"] if t["comparison"] == "<=" else t["ratio"] >= t["threshold"])
+    judged = [t["met"] for t in result["targets"] if t["met"] is not None]
+    assert result["all_targets_met"] == (all(judged) if judged else None)
+    return {row_key(r): r for r in by_name.values()}
+
+
+def row_key(r: dict) -> str:
+    """op/mode/direction, then T (palimpsa) or routing (apn) where the row has one: a test's handle."""
+    parts = [r["op"], r["mode"], r["direction"]] + [r[f] for f in ("T", "routing") if r.get(f) is not None]
+    return "/".join(str(p) for p in parts)
+
+
+def test_train_suite_shape_and_ratio_against_plain_loop(tmp_path, tiny_train):
     out = tmp_path / "bench.json"
-    result = run_suite("train", quick=True, out=str(out))
-    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    assert {"torch", "threads", "cpu", "routemem"} <= set(result["env"])
-    plain, trainer = result["plain_tokens_per_s"], result["trainer_tokens_per_s"]
-    assert len(plain["runs"]) == len(trainer["runs"]) == result["rounds"]
-    assert min(plain["runs"]) > 0 and min(trainer["runs"]) > 0
-    assert abs(result["ratio_trainer_over_plain"] - trainer["median"] / plain["median"]) < 1e-12
-    assert result["pass"] == (result["overhead"] <= result["target_overhead"])
+    result = run_suite("train", quick=True, out=str(out), device="cpu")
+    rows = check_shape(result, "train", out)
+    plain, trainer = rows["train_step/plain/fwd+bwd"], rows["train_step/trainer/fwd+bwd"]
+    assert len(plain["runs_s"]) == len(trainer["runs_s"]) == 3
+    (overhead,) = result["targets"]
+    assert overhead["threshold"] == 0.9 and overhead["comparison"] == ">="  # overhead <= 10%
+    assert overhead["ratio"] == plain["median_s"] / trainer["median_s"]
+    assert result["info"]["config"]["train"]["device"] == "cpu"
 
 
-def test_median_seconds_counts_calls_and_reports_the_median():
-    from routemem.bench.common import median_seconds
-
-    calls = []
-    result = median_seconds(lambda: calls.append(1), repeats=5, warmup=2)
-    assert len(calls) == 7 and len(result["runs_s"]) == 5
-    assert sorted(result["runs_s"])[2] == result["median_s"]
-
-
-def test_palimpsa_bench_reports_speedup_ratio_and_memory(tmp_path, monkeypatch):
-    from routemem.bench import palimpsa as palimpsa_bench
-
-    monkeypatch.setattr(palimpsa_bench, "SHAPE", {"B": 1, "H": 2, "Dk": 8, "Dv": 8})
-    monkeypatch.setattr(palimpsa_bench, "LENGTHS", {"quick": (16, 64, 256), "full": ()})
-    monkeypatch.setattr(palimpsa_bench, "TARGET_T", 64)
-    monkeypatch.setattr(palimpsa_bench, "REFERENCE_MAX_T", 64)
-    result = run_suite("palimpsa", quick=True, out=str(tmp_path / "b.json"))
-    ops = {(r["op"], r["T"]) for r in result["rows"]}
-    assert ("palimpsa_reference", 64) in ops and ("palimpsa_reference", 256) not in ops
-    assert {"palimpsa_chunk", "gla_chunk", "sdpa_causal", "gated_delta_chunk"} <= {op for op, _ in ops}
-    row = {(r["op"], r["T"]): r for r in result["rows"]}
-    assert result["speedup_chunk_over_reference_fwd_bwd"] == (
-        row["palimpsa_reference", 64]["fwd_bwd_s"] / row["palimpsa_chunk", 64]["fwd_bwd_s"])
-    memory = result["saved_for_backward_bytes_palimpsa_chunk"]
+def test_palimpsa_suite_shape_targets_and_memory(tmp_path, tiny_palimpsa):
+    out = tmp_path / "b.json"
+    result = run_suite("palimpsa", quick=True, out=str(out), device="cpu")
+    rows = check_shape(result, "palimpsa", out)
+    assert "palimpsa/reference/fwd+bwd/64" in rows and "skipped" not in rows["palimpsa/reference/fwd+bwd/64"]
+    assert "T=64" in rows["palimpsa/reference/fwd+bwd/256"]["skipped"]  # past REFERENCE_MAX_T
+    assert {"gla/chunk/fwd/256", "sdpa/causal/fwd/256", "gated_delta/chunk/fwd+bwd/16"} <= set(rows)
+    targets = {t["name"]: t for t in result["targets"]}
+    speedup = targets["palimpsa_chunk_speedup_over_reference"]
+    assert (speedup["threshold"], speedup["comparison"]) == (10.0, ">=")
+    assert speedup["numerator"] == {"op": "palimpsa", "mode": "reference", "T": 64, "direction": "fwd+bwd"}
+    for name in ("palimpsa_chunk_over_gla", "palimpsa_fused_over_gla"):
+        assert (targets[name]["threshold"], targets[name]["comparison"]) == (3.0, "<=")
     # plain autograd keeps per-step states, which grow with T; the recomputing backward must not
     # keep more than plain autograd does
-    assert memory[256]["autograd"] > 3 * memory[16]["autograd"]
-    assert memory[256]["recompute"] < memory[256]["autograd"]
-    assert result["pass"]["speedup"] == (result["speedup_chunk_over_reference_fwd_bwd"] >= 10.0)
-    if palimpsa_bench.fused.available():  # the compiled kernel is timed against GLA too
-        assert result["ratio_palimpsa_fused_over_gla_fwd_bwd"] == (
-            row["palimpsa_fused", 64]["fwd_bwd_s"] / row["gla_chunk", 64]["fwd_bwd_s"])
-        assert result["pass"]["gla_ratio_fused"] == (result["ratio_palimpsa_fused_over_gla_fwd_bwd"] <= 3.0)
+    autograd = {T: rows[f"palimpsa/chunk_autograd/fwd+bwd/{T}"]["memory_bytes"] for T in (16, 256)}
+    assert autograd[256] > 3 * autograd[16]
+    assert rows["palimpsa/chunk/fwd+bwd/256"]["memory_bytes"] < autograd[256]
+    if palimpsa_bench.fused.available():  # the compiled kernel is judged against GLA too
+        assert targets["palimpsa_fused_over_gla"]["met"] is not None
 
 
-def test_apn_bench_reports_ratios_params_and_memory(tmp_path, monkeypatch):
-    import math
-
-    from routemem.bench import apn as apn_bench
-
-    for name, value in {"TOKENS": 256, "D": 16, "K": 8, "R": 4, "TOP_K": 2}.items():
-        monkeypatch.setattr(apn_bench, name, value)
-    result = run_suite("apn", quick=True, out=str(tmp_path / "b.json"))
-    assert json.loads((tmp_path / "b.json").read_text()) == json.loads(json.dumps(result))
-    variants = result["variants"]
-    expected = {"apn_grouped", "apn_reference", "dense_same_params", "dense_4d", "op_grouped", "op_reference",
-                "op_grouped_skewed", "op_reference_skewed"}
-    if apn_bench.fused.available():  # the compiled kernel is timed beside the grouped form
-        expected |= {"apn_fused", "op_fused", "op_fused_skewed"}
-    assert expected == set(variants)
-    for row in variants.values():
-        assert row["fwd_s"] > 0 and row["fwd_bwd_s"] > 0 and row["saved_for_backward_bytes"] > 0
-        assert len(row["fwd_runs_s"]) == len(row["fwd_bwd_runs_s"]) >= 1
-    # the layer in both modes computes the same function
-    assert result["max_abs_diff_grouped_vs_reference"] < 1e-5
-    targets = result["targets"]
-    for phase in ("fwd", "fwd_bwd"):
-        speedup = targets["op_speedup_reference_over_grouped"][phase]
-        dense = targets["ratio_grouped_over_dense"][phase]
-        for entry in (speedup, dense):
-            assert math.isfinite(entry["ratio"]) and entry["ratio"] > 0
-        key = f"{phase}_s"
-        assert speedup["ratio"] == variants["op_reference"][key] / variants["op_grouped"][key]
-        layer = result["informational_ratios"]["layer_speedup_reference_over_grouped"][phase]
-        assert layer == variants["apn_reference"][key] / variants["apn_grouped"][key]
-        assert dense["ratio"] == variants["apn_grouped"][key] / variants["dense_same_params"][key]
-        assert speedup["min"] == 5.0 and speedup["met"] == (speedup["ratio"] >= 5.0)
-        assert dense["max"] == 1.5 and dense["met"] == (dense["ratio"] <= 1.5)
-    assert result["all_targets_met"] == all(
-        entry["met"] for target in targets.values() for entry in target.values())
-    if apn_bench.fused.available():
-        fused_targets = result["fused_targets"]
-        for phase in ("fwd", "fwd_bwd"):
-            key = f"{phase}_s"
-            entry = fused_targets["op_speedup_reference_over_fused"][phase]
-            assert entry["ratio"] == variants["op_reference"][key] / variants["op_fused"][key]
-            entry = fused_targets["ratio_fused_over_dense"][phase]
-            assert entry["ratio"] == variants["apn_fused"][key] / variants["dense_same_params"][key]
-        assert result["fused_targets_met"] == all(
-            entry["met"] for target in fused_targets.values() for entry in target.values())
+def test_apn_suite_shape_targets_params_and_routing(tmp_path, tiny_apn):
+    out = tmp_path / "b.json"
+    result = run_suite("apn", quick=True, out=str(out), device="cpu")
+    rows = check_shape(result, "apn", out)
+    expected = {"apn_layer/grouped", "apn_layer/reference", "apn_layer/fused", "dense_ffn/same_params",
+                "dense_ffn/4d_hidden", "patch_mixture/grouped", "patch_mixture/reference", "patch_mixture/fused"}
+    assert {"/".join(name.split("/")[:2]) for name in rows} == expected
+    assert ("skipped" in rows["patch_mixture/fused/fwd/near_uniform"]) != apn_bench.fused.available()
+    targets = {t["name"]: t for t in result["targets"]}
+    for mode in ("grouped", "fused"):
+        for tag in ("fwd", "fwd_bwd"):
+            speedup = targets[f"patch_mixture_{mode}_speedup_over_reference_{tag}"]
+            dense = targets[f"apn_layer_{mode}_over_dense_{tag}"]
+            assert (speedup["threshold"], speedup["comparison"]) == (5.0, ">=")
+            assert (dense["threshold"], dense["comparison"]) == (1.5, "<=")
+            assert dense["denominator"]["mode"] == "same_params"
+    info = result["info"]
+    assert info["max_abs_diff_grouped_vs_reference"] < 1e-5  # the layer in both modes: one function
     # parameter counts: K d prototypes + d r code + K d r up + 2 K r gate = 768 here; the dense
     # baseline's hidden is sized to match (2 d h weights)
-    params = result["params"]
+    params = info["params"]
     assert params["apn_total"] == 8 * 16 + 16 * 4 + 8 * 16 * 4 + 2 * 8 * 4
     assert params["dense_same_params_total"] == 2 * 16 * params["dense_same_params_hidden"]
     assert abs(params["dense_same_params_total"] - params["apn_total"]) <= 16
     assert params["dense_4d_total"] == 2 * 16 * 64
     assert params["apn_active_per_token"] < params["apn_total"]
-    routing = result["routing"]
+    routing = info["routing"]
     assert routing["assignments"] == 256 * 2 and routing["max_load"] >= 64
+    assert routing["buffer_rows"] % routing["tile_rows"] == 0 and routing["buffer_rows"] >= routing["assignments"]
     skewed = torch.bincount(apn_bench.skewed_indices(torch.device("cpu")).flatten(), minlength=8)
     assert skewed.max() / skewed.float().mean() > 1.5 and skewed.sum() == 256 * 2
-    assert routing["buffer_rows"] % routing["tile_rows"] == 0 and routing["buffer_rows"] >= routing["assignments"]
+
+
+def test_fused_forms_that_cannot_run_are_skipped_rows_and_unjudged_targets(tmp_path, tiny_apn, monkeypatch):
+    # what a GPU (or a machine without a C++ compiler) sees: the fused rows skipped with a reason,
+    # their targets reported with met=None, not as failed, and left out of all_targets_met
+    monkeypatch.setattr(apn_bench.fused, "available", lambda: False)
+    result = run_suite("apn", quick=True, device="cpu")
+    check_shape(result, "apn")
+    fused_rows = [r for r in result["rows"] if r["mode"] == "fused"]
+    assert len(fused_rows) == 6 and all("C++" in r["skipped"] for r in fused_rows)
+    fused_targets = [t for t in result["targets"] if "fused" in t["name"]]
+    assert len(fused_targets) == 4
+    assert all(t["met"] is None and t["ratio"] is None and "C++" in t["skipped"] for t in fused_targets)
+    assert result["all_targets_met"] == all(t["met"] for t in result["targets"] if "fused" not in t["name"])
+
+
+@pytest.mark.parametrize("ratio, comparison, met", [(2.0, "<=", True), (3.0, "<=", True), (3.5, "<=", False),
+                                                    (3.0, ">=", True), (2.0, ">=", False)])
+def test_target_judges_ratio_against_threshold(ratio, comparison, met):
+    rows = [row({"op": "a"}, "fwd", [ratio]), row({"op": "b"}, "fwd", [1.0])]
+    judged = target(rows, "t", "a over b", {"op": "a"}, {"op": "b"}, 3.0, comparison)
+    assert judged["ratio"] == ratio and judged["met"] is met and "skipped" not in judged
+    assert all_met([judged]) is met
+
+
+def test_all_targets_met_ignores_skipped_and_is_none_when_nothing_was_judged():
+    rows = [row({"op": "a"}, "fwd", [1.0]), row({"op": "b"}, "fwd", skipped="not on this device")]
+    skipped = target(rows, "s", "b over a", {"op": "b"}, {"op": "a"}, 1.0, "<=")
+    missing = target(rows, "m", "c over a", {"op": "c"}, {"op": "a"}, 1.0, "<=")
+    assert skipped["met"] is None and "not on this device" in skipped["skipped"]
+    assert missing["met"] is None and "no such row" in missing["skipped"]
+    assert all_met([skipped, missing]) is None
+    met = target(rows, "ok", "a over a", {"op": "a"}, {"op": "a"}, 1.0, "<=")
+    assert all_met([skipped, met]) is True
+
+
+def test_median_seconds_counts_calls_and_reports_the_median():
+    calls = []
+    result = median_seconds(lambda: calls.append(1), repeats=5, warmup=2, device="cpu")
+    assert len(calls) == 7 and len(result["runs_s"]) == 5
+    assert sorted(result["runs_s"])[2] == result["median_s"]
+
+
+def one_line_error(capsys, *argv) -> str:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "", (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("routemem: error: "), err
+    return lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_bench_on_cuda_without_a_gpu_is_a_one_line_error(capsys, tmp_path):
+    assert "cuda" in one_line_error(capsys, "bench", "apn", "--device", "cuda", "--out", str(tmp_path / "b.json"))
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_bench_refuses_unknown_suite_device_and_a_folder_as_out(capsys, tmp_path):
+    assert "nonesuch" in one_line_error(capsys, "bench", "nonesuch")
+    assert "gpu" in one_line_error(capsys, "bench", "apn", "--device", "gpu")
+    assert "folder" in one_line_error(capsys, "bench", "apn", "--out", str(tmp_path))
+
+
+def test_bench_help_lists_every_suite_with_what_it_measures(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for name, what in SUITES.items():
+        assert any(line.split() == [name, *what.split()] for line in out.splitlines()), name
+    assert "--device" in out and "docs/benchmarks.md" in out

@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: the machine header (routemem.machine), a median timer, atomic JSON output."""
+"""Shared benchmark plumbing: device-aware timing and memory, the row and target records every suite
+reports (the shape is documented in docs/benchmarks.md), and atomic JSON output."""
 
 from __future__ import annotations
 
@@ -13,21 +14,44 @@ import torch
 from routemem.fileio import write_text_atomic
 from routemem.machine import machine_header  # noqa: F401  (re-exported: every suite's header)
 
+FWD, FWD_BWD = "fwd", "fwd+bwd"  # a row's "direction"
+SAVED_FOR_BACKWARD = "saved_for_backward"  # memory_measure on a CPU (what peak training memory grows with)
+CUDA_PEAK = "cuda_peak_allocated"  # memory_measure on a GPU: torch.cuda.max_memory_allocated, reset per call
+CPU_ONLY_FUSED = "the fused C++ kernel runs on the CPU only"
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
-    """Median wall time of ``fn()`` after ``warmup`` untimed calls."""
+
+def sync(device: torch.device | str = "cpu") -> None:
+    """Wait for queued GPU work on ``device`` (a no-op on a CPU, where work is already done)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
+    """Wall time of one call of ``fn()``, the device's queued work included."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,
+                   device: torch.device | str = "cpu") -> dict:
+    """Median wall time of ``fn()`` on ``device`` after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    times = [seconds(fn, device) for _ in range(repeats)]
     return {"median_s": statistics.median(times), "runs_s": times}
+
+
+def cuda_peak_bytes(fn: Callable[[], object], device: torch.device | str) -> int:
+    """Peak bytes allocated on the GPU while ``fn()`` runs (the counter reset just before)."""
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device)
 
 
 def saved_bytes(forward: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
@@ -46,6 +70,56 @@ def saved_bytes(forward: Callable[[], object], exclude: Iterable[torch.Tensor] =
         out = forward()
     del out
     return sum(storages.values())
+
+
+def memory_measure(device: torch.device) -> str:
+    return CUDA_PEAK if device.type == "cuda" else SAVED_FOR_BACKWARD
+
+
+def row(names: dict, direction: str, runs_s: list[float] | None = None, memory_bytes: int | None = None,
+        memory: str | None = None, skipped: str | None = None) -> dict:
+    """One measurement: what was measured (``names``: op, mode, shape fields), its direction, the
+    median and every timed run, and the memory measured beside it. A ``skipped`` row has no numbers."""
+    record = {**names, "direction": direction,
+              "median_s": statistics.median(runs_s) if runs_s and not skipped else None,
+              "runs_s": list(runs_s or []) if not skipped else [],
+              "memory_bytes": None if skipped else memory_bytes,
+              "memory_measure": None if skipped or memory_bytes is None else memory}
+    if skipped:
+        record["skipped"] = skipped
+    return record
+
+
+def find_row(rows: list[dict], **match) -> dict | None:
+    """The first row whose fields equal ``match`` (a target's numerator or denominator)."""
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def target(rows: list[dict], name: str, what: str, numerator: dict, denominator: dict,
+           threshold: float, comparison: str) -> dict:
+    """A target on ``ratio = numerator row's median_s / denominator row's median_s``. When either row
+    is missing or skipped on this machine, ``ratio`` and ``met`` are None and ``skipped`` says why."""
+    assert comparison in ("<=", ">=")
+    record = {"name": name, "what": what, "numerator": numerator, "denominator": denominator,
+              "ratio": None, "threshold": threshold, "comparison": comparison, "met": None}
+    num, den = find_row(rows, **numerator), find_row(rows, **denominator)
+    missing = [(part, r) for part, r in (("numerator", num), ("denominator", den))
+               if r is None or r.get("skipped")]
+    if missing:
+        part, r = missing[0]
+        record["skipped"] = f"{part} not measured: " + (r["skipped"] if r is not None else "no such row")
+        return record
+    ratio = num["median_s"] / den["median_s"]
+    record["ratio"] = ratio
+    record["met"] = ratio <= threshold if comparison == "<=" else ratio >= threshold
+    return record
+
+
+def all_met(targets: list[dict]) -> bool | None:
+    """Every target measured here is met; a skipped target (met None) does not count either way.
+    None when no target could be measured at all."""
+    judged = [t["met"] for t in targets if t["met"] is not None]
+    return all(judged) if judged else None
 
 
 def write_json(path: str | Path, obj: dict) -> None:
