@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_corpora)
 
-    from routemem.bench import SUITES  # names and one-line descriptions only: no torch import
+    # names and one-line descriptions only: importing them loads no torch
+    from routemem.bench import SUITES
 
     suites = "\n".join(f"  {name:<10} {what}" for name, what in SUITES.items())
     p = sub.add_parser("bench", help="run a benchmark suite; prints JSON (docs/benchmarks.md)",

@@ -25,8 +25,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from routemem.bench.common import (CPU_ONLY_FUSED, FWD, FWD_BWD, all_met, cuda_peak_bytes, median_seconds,
-                                   memory_measure, row, saved_bytes, target)
+from routemem.bench.common import (
+    CPU_ONLY_FUSED,
+    FWD,
+    FWD_BWD,
+    all_met,
+    cuda_peak_bytes,
+    median_seconds,
+    memory_measure,
+    row,
+    saved_bytes,
+    target,
+)
 from routemem.layers.apn import AttractorPatchFFN
 from routemem.layers.ffn import DenseFFN
 from routemem.layers.registry import LayerSpec
@@ -232,7 +242,8 @@ def _routing_info(apn: AttractorPatchFFN, z: torch.Tensor) -> dict:
 
 
 
-def run(quick: bool = False, device: torch.device = torch.device("cpu")) -> dict:
+def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
+    device = torch.device(device)
     key = "quick" if quick else "full"
     z = make_input(device)
     grad = torch.randn(TOKENS, D, generator=torch.Generator().manual_seed(SEED + 1)).to(device)

@@ -14,8 +14,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from routemem.bench.common import (CPU_ONLY_FUSED, FWD, FWD_BWD, all_met, cuda_peak_bytes, median_seconds,
-                                   memory_measure, row, saved_bytes, target)
+from routemem.bench.common import (
+    CPU_ONLY_FUSED,
+    FWD,
+    FWD_BWD,
+    all_met,
+    cuda_peak_bytes,
+    median_seconds,
+    memory_measure,
+    row,
+    saved_bytes,
+    target,
+)
 from routemem.ops import gated_delta_rule, gated_linear_attention, metaplastic_attention
 from routemem.ops.metaplastic import fused
 from routemem.ops.metaplastic.chunk import metaplastic_chunk
@@ -101,7 +111,8 @@ def _memory(fn, inputs: dict[str, torch.Tensor], backward: bool, device: torch.d
     return saved_bytes(lambda: fn(**leaves), leaves.values())
 
 
-def run(quick: bool = False, device: torch.device = torch.device("cpu")) -> dict:
+def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
+    device = torch.device(device)
     lengths = LENGTHS["quick" if quick else "full_cuda" if device.type == "cuda" else "full"]
     repeats = 3 if quick else 5
     rows = []

@@ -8,7 +8,16 @@ import tempfile
 
 import torch
 
-from routemem.bench.common import CUDA_PEAK, FWD_BWD, all_met, cuda_peak_bytes, row, seconds, target, sync
+from routemem.bench.common import (
+    CUDA_PEAK,
+    FWD_BWD,
+    all_met,
+    cuda_peak_bytes,
+    row,
+    seconds,
+    sync,
+    target,
+)
 from routemem.config import from_dict
 from routemem.models import TransformerLM
 from routemem.train import RunConfig, Trainer
@@ -26,7 +35,8 @@ BENCH_CONFIG = {
 # (steps per round, rounds). Each fit() call ends with a short val eval and a checkpoint, as a run's
 # last step does; a GPU's steps are fast, so its rounds are longer to keep that end cost as small a
 # share as in a CPU round.
-ROUNDS = {"quick": (10, 3), "full": (30, 5), "quick_cuda": (20, 3), "full_cuda": (200, 5)}
+ROUNDS = {"quick": (10, 3), "full": (30, 5), "quick_cuda": (20, 3), "full_cuda": (100, 5)}
+MEMORY_STEPS = 3  # on a GPU, the peak memory of each loop is read over a few more steps, untimed
 
 
 def _plain_loop(model: TransformerLM, tokens: torch.Tensor, cfg: RunConfig, bf16: bool, device: torch.device):
@@ -52,7 +62,8 @@ def _plain_loop(model: TransformerLM, tokens: torch.Tensor, cfg: RunConfig, bf16
     return run
 
 
-def run(quick: bool = False, device: torch.device = torch.device("cpu")) -> dict:
+def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
+    device = torch.device(device)
     key = ("quick" if quick else "full") + ("_cuda" if device.type == "cuda" else "")
     steps, rounds = ROUNDS[key]
     config = {**BENCH_CONFIG, "train": {**BENCH_CONFIG["train"], "device": device.type}}
@@ -72,19 +83,19 @@ def run(quick: bool = False, device: torch.device = torch.device("cpu")) -> dict
         sync(device)
         loops = {"plain": plain, "trainer": trainer_run}
         per_step = {name: [] for name in loops}
-        peak = {name: 0 for name in loops}
+        peak = {name: None for name in loops}  # measured on a GPU only
         for _ in range(rounds):  # alternate, so drifts in machine load hit both sides alike
             for name, fn in loops.items():
-                per_step[name].append(seconds(lambda: fn(steps), device) / steps)
-        if device.type == "cuda":  # one more round each, for memory only: timing stays unperturbed
-            peak = {name: cuda_peak_bytes(lambda: fn(steps), device) for name, fn in loops.items()}
+                per_step[name].append(seconds(lambda fn=fn: fn(steps), device) / steps)
+        if device.type == "cuda":  # after the timed rounds, so timing stays unperturbed
+            peak = {name: cuda_peak_bytes(lambda fn=fn: fn(MEMORY_STEPS), device) for name, fn in loops.items()}
         trainer.close()
 
     tokens_per_step = cfg.train.batch_size * cfg.seq_len
     shape = {**BENCH_CONFIG["model"], "batch_size": cfg.train.batch_size, "seq_len": cfg.seq_len,
              "tokens_per_step": tokens_per_step, "bf16": trainer.bf16, "steps_per_round": steps}
     rows = [row({"op": "train_step", "mode": name, **shape}, FWD_BWD, per_step[name],
-                peak[name] if device.type == "cuda" else None, CUDA_PEAK)
+                peak[name], CUDA_PEAK)
             for name in loops]
     targets = [target(
         rows, "trainer_overhead",
