@@ -32,10 +32,10 @@ BENCH_CONFIG = {
     "train": {"batch_size": 32, "max_steps": 1_000_000, "warmup_steps": 10, "log_interval": 10,
               "eval_interval": 1_000_000, "eval_tokens": 128, "progress": False},
 }
-# (steps per round, rounds). Each fit() call ends with a short val eval and a checkpoint, as a run's
-# last step does; a GPU's steps are fast, so its rounds are longer to keep that end cost as small a
-# share as in a CPU round.
-ROUNDS = {"quick": (10, 3), "full": (30, 5), "quick_cuda": (20, 3), "full_cuda": (100, 5)}
+# (steps per round, rounds). Each fit() call ends with a short val eval and a checkpoint, as a run
+# does every eval_interval steps; a GPU's steps are fast, so its rounds are longer to keep that end
+# cost as small a share of a round as on a CPU (where a round of 30 steps takes many seconds).
+ROUNDS = {"quick": (10, 3), "full": (30, 5), "quick_cuda": (50, 3), "full_cuda": (200, 5)}
 MEMORY_STEPS = 3  # on a GPU, the peak memory of each loop is read over a few more steps, untimed
 
 
