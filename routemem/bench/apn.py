@@ -240,8 +240,6 @@ def _routing_info(apn: AttractorPatchFFN, z: torch.Tensor) -> dict:
     }
 
 
-
-
 def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
     device = torch.device(device)
     key = "quick" if quick else "full"
