@@ -61,6 +61,8 @@ def routemem_commands(block: Block) -> list[tuple[int, list[str]]]:
     Synopsis brackets are unwrapped, so `[--split test]` is checked as `--split test`."""
     commands = []
     for offset, line in enumerate(block.code.splitlines()):
+        if "routemem" not in line:
+            continue
         segment: list[str] = []
         for token in shlex.split(line, comments=True) + [";"]:
             if token not in ("&&", "||", ";", "|"):
@@ -92,7 +94,7 @@ COMMANDS = [c for b in BLOCKS if b.lang in ("bash", "sh", "shell", "console") fo
 
 
 def test_the_readme_has_python_blocks_and_commands():
-    assert len(PYTHON) >= 4 and len(COMMANDS) >= 10, (len(PYTHON), len(COMMANDS))
+    assert PYTHON and COMMANDS, "no ```python block or routemem command found: is the fence format new?"
 
 
 @pytest.mark.parametrize("block", PYTHON, ids=[f"README.md:{b.line}" for b in PYTHON])
@@ -137,11 +139,12 @@ def test_project_paths_named_in_the_readme_exist():
 
 
 def test_ci_runs_the_readme_test_command():
-    commands = [line for b in BLOCKS if b.lang == "bash" for line in b.code.splitlines()
-                if "-m pytest" in line]
-    assert len(commands) == 1, commands
-    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
-    assert commands[0].strip() in (line.strip() for line in ci), f".ci/run does not run: {commands[0]}"
+    """The README's install-and-test line (pip install ... && pytest) is a line of .ci/run."""
+    commands = [line.strip() for b in BLOCKS if b.lang == "bash" for line in b.code.splitlines()
+                if "pip install" in line and "-m pytest" in line]
+    assert commands, "README.md gives no install-and-test command"
+    ci = {line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()}
+    assert [c for c in commands if c not in ci] == [], ".ci/run does not run the README's test command"
 
 
 def test_needs_data_marker_is_read_from_the_line_before_the_fence():
