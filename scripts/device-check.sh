@@ -14,8 +14,8 @@
 set -u
 
 OUT_DIR="${1:-${DEVICE_CHECK_DIR:-device-check}}"
-PYTEST_TIMEOUT="${PYTEST_TIMEOUT:-240}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-70}"
+PYTEST_TIMEOUT="${PYTEST_TIMEOUT:-150}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-90}"
 BENCH_FLAGS="${BENCH_FLAGS:-}"
 SUITES="train palimpsa apn"
 PY="${PYTHON:-python3}"
@@ -41,7 +41,7 @@ step() {
 }
 
 # (a bash -c string: timeout runs programs, not shell functions)
-step environment 60 "$OUT_DIR/environment.log" bash -c '
+step environment 30 "$OUT_DIR/environment.log" bash -c '
     nvidia-smi -L > "$1/nvidia-smi.txt" 2>&1; smi=$?
     cat "$1/nvidia-smi.txt"
     "$2" -c "import torch; print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, \"GPU\",
