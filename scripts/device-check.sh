@@ -20,9 +20,9 @@ BENCH_FLAGS="${BENCH_FLAGS:-}"
 SUITES="train palimpsa apn"
 PY="${PYTHON:-python3}"
 
+mkdir -p "$OUT_DIR" && OUT_DIR="$(cd "$OUT_DIR" && pwd)" || exit 2  # absolute: we cd below
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-mkdir -p "$OUT_DIR" || exit 2
 rm -f "$OUT_DIR"/steps.tsv "$OUT_DIR"/pytest-cuda.xml "$OUT_DIR"/bench-*.json "$OUT_DIR"/device-check.json
 
 # step NAME LIMIT LOG COMMAND...: run COMMAND under `timeout LIMIT`, output to LOG, and append
