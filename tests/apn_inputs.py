@@ -1,5 +1,6 @@
 """Inputs, the mixture run with gradients, and the comparison shared by the APN op tests (the
-grouped and fused forms against the reference)."""
+grouped and fused forms against the reference). Inputs are drawn on the CPU (the same numbers on
+every device), then moved to ``device``."""
 
 import math
 
@@ -8,7 +9,7 @@ import torch
 from routemem.ops.apn import patch_mixture, route
 
 
-def make_inputs(N, d, K, r, dtype=torch.float64, *, unbalanced=False):
+def make_inputs(N, d, K, r, dtype=torch.float64, *, unbalanced=False, device="cpu"):
     """z [N, d], prototypes [K, d], V [d, r], U [K, d, r], a, b [K, r] (a, b non-zero so the gate
     matters). ``unbalanced``: every token is a small perturbation of prototype 0, so nearly all
     tokens pick patch 0 first."""
@@ -23,7 +24,7 @@ def make_inputs(N, d, K, r, dtype=torch.float64, *, unbalanced=False):
         z = prototypes[0] + 0.3 * z
     out = {"z": z, "prototypes": prototypes, "V": randn(d, r) / math.sqrt(d), "U": randn(K, d, r),
            "a": randn(K, r), "b": randn(K, r)}
-    return {name: t.to(dtype) for name, t in out.items()}
+    return {name: t.to(device, dtype) for name, t in out.items()}
 
 
 def assert_close_scaled(actual: dict, expected: dict, rtol: float) -> None:
@@ -53,7 +54,7 @@ def forward_backward(mode, x, k, tau=0.5, indices=None, weights=None):
         w = weights.detach().clone().requires_grad_()
     out = patch_mixture(leaves["z"], indices, w, leaves["V"], leaves["U"], leaves["a"], leaves["b"], mode=mode)
     gen = torch.Generator().manual_seed(1)
-    cotangent = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+    cotangent = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
     (out * cotangent).sum().backward()
     result = {"out": out.detach(), "indices": indices, "grad weights": w.grad}
     for n, t in leaves.items():
@@ -65,8 +66,8 @@ def forward_backward(mode, x, k, tau=0.5, indices=None, weights=None):
 N0, D0, K0, R0, KK = 6, 4, 3, 2, 2
 
 
-def good_inputs(dtype=torch.float32):
-    x = make_inputs(N0, D0, K0, R0, dtype)
-    return {"z": x["z"], "indices": torch.randint(0, K0, (N0, KK)),
-            "weights": torch.rand(N0, KK, dtype=torch.float64).to(dtype),
+def good_inputs(dtype=torch.float32, device="cpu"):
+    x = make_inputs(N0, D0, K0, R0, dtype, device=device)
+    return {"z": x["z"], "indices": torch.randint(0, K0, (N0, KK)).to(device),
+            "weights": torch.rand(N0, KK, dtype=torch.float64).to(device, dtype),
             "V": x["V"], "U": x["U"], "a": x["a"], "b": x["b"]}

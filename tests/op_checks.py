@@ -1,5 +1,6 @@
 """Helpers shared by the op tests: run an op with fixed random cotangents, compare dicts of outputs
-and gradients each at its own scale, and mark the modes that need a C++ compiler."""
+and gradients each at its own scale, mark the modes that need a C++ compiler, and pair modes with
+the devices they run on (the fused kernels are CPU code)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from devices import on_cuda
 
 
 def outputs_and_grads(op, leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -15,8 +17,8 @@ def outputs_and_grads(op, leaves: dict[str, torch.Tensor]) -> dict[str, torch.Te
     o, final = op(**leaves)
     gen = torch.Generator().manual_seed(1)
 
-    def cotangent(t):  # drawn in float64: the same cotangents whatever the dtype
-        return torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
+    def cotangent(t):  # drawn in float64 on the CPU: the same cotangents whatever the dtype and device
+        return torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)
 
     ((o * cotangent(o)).sum() + (final * cotangent(final)).sum()).backward()
     out = {"o": o.detach(), "final_state": final.detach()}
@@ -40,3 +42,16 @@ HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++"))
 def needs_compiler(mode: str):
     """A ``mode`` test parameter that is skipped where there is no C++ compiler (fused kernels)."""
     return pytest.param(mode, marks=pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler"))
+
+
+CPU_ONLY_MODES = ("fused",)  # the compiled kernels: a CUDA tensor gets a ValueError (tested apart)
+
+
+def on_devices(*modes: str) -> list:
+    """(mode, device) parameters: every mode on the CPU (``fused`` and ``auto`` need a compiler
+    there), and every mode but the CPU kernels on CUDA (``auto`` picks the PyTorch form there)."""
+    cpu = [pytest.param(m, "cpu", id=f"{m}-cpu",
+                        marks=pytest.mark.skipif(m in ("fused", "auto") and not HAS_COMPILER,
+                                                 reason="no C++ compiler"))
+           for m in modes]
+    return cpu + [on_cuda(m, "cuda", id=f"{m}-cuda") for m in modes if m not in CPU_ONLY_MODES]

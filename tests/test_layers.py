@@ -1,5 +1,5 @@
 """Tests of routemem.layers: registries, causal softmax attention (+RoPE, sliding window, step),
-norms and the baseline FFNs."""
+norms and the baseline FFNs. Tests that take ``device`` run on the CPU and on CUDA (conftest.py)."""
 
 import math
 
@@ -142,7 +142,7 @@ def naive_attention(m: CausalSelfAttention, x: torch.Tensor, window=None, rope=F
     if rope:
         q, k = naive_rope(q), naive_rope(k)
     scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(Dh)
-    t = torch.arange(T)
+    t = torch.arange(T, device=x.device)
     allowed = t[:, None] >= t[None, :]
     if window is not None:
         allowed &= (t[:, None] - t[None, :]) < window
@@ -154,12 +154,12 @@ def naive_attention(m: CausalSelfAttention, x: torch.Tensor, window=None, rope=F
     return y
 
 
-def make_attn(pos="none", window=None, bias=False, **kw) -> CausalSelfAttention:
+def make_attn(pos="none", window=None, bias=False, device="cpu", **kw) -> CausalSelfAttention:
     m = CausalSelfAttention(spec(pos=pos, **kw), window=window, bias=bias).double().eval()
     with torch.no_grad():  # O(1) weights so that every mask/rotation error is visible
         for p in m.parameters():
             p.normal_(0.0, 0.5)
-    return m
+    return m.to(device)  # drawn on the CPU: the same weights on every device
 
 
 def test_attention_output_shape():
@@ -171,15 +171,15 @@ def test_attention_output_shape():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_full_attention_equals_naive(bias):
-    m = make_attn(bias=bias)
-    x = torch.randn(2, 9, D, dtype=torch.float64)
+def test_full_attention_equals_naive(bias, device):
+    m = make_attn(bias=bias, device=device)
+    x = torch.randn(2, 9, D, dtype=torch.float64).to(device)
     torch.testing.assert_close(m(x), naive_attention(m, x), rtol=1e-10, atol=1e-10)
 
 
-def test_rope_attention_equals_naive():
-    m = make_attn(pos="rope")
-    x = torch.randn(2, 9, D, dtype=torch.float64)
+def test_rope_attention_equals_naive(device):
+    m = make_attn(pos="rope", device=device)
+    x = torch.randn(2, 9, D, dtype=torch.float64).to(device)
     # RoPE runs in float32 inside the package, so compare at float32 precision.
     torch.testing.assert_close(m(x), naive_attention(m, x, rope=True), rtol=1e-5, atol=1e-5)
     # and it is really rotating: without RoPE in the reference the outputs differ
@@ -212,19 +212,19 @@ def test_rope_dot_product_depends_only_on_relative_position():
 
 @pytest.mark.parametrize("pos", ["none", "rope"])
 @pytest.mark.parametrize("window", [1, 3])
-def test_sliding_window_equals_naive(pos, window):
-    m = make_attn(pos=pos, window=window)
-    x = torch.randn(2, 10, D, dtype=torch.float64)
+def test_sliding_window_equals_naive(pos, window, device):
+    m = make_attn(pos=pos, window=window, device=device)
+    x = torch.randn(2, 10, D, dtype=torch.float64).to(device)
     tol = 1e-10 if pos == "none" else 1e-5
     torch.testing.assert_close(m(x), naive_attention(m, x, window=window, rope=pos == "rope"), rtol=tol, atol=tol)
     # a window is not full attention
     assert not torch.allclose(m(x), naive_attention(m, x, rope=pos == "rope"), atol=1e-3)
 
 
-def test_sliding_window_ignores_tokens_outside_it():
+def test_sliding_window_ignores_tokens_outside_it(device):
     window, T, t = 3, 10, 6
-    m = make_attn(window=window)
-    x = torch.randn(1, T, D, dtype=torch.float64)
+    m = make_attn(window=window, device=device)
+    x = torch.randn(1, T, D, dtype=torch.float64).to(device)
     before = t - window + 1  # first token that t may see
     x2 = x.clone()
     x2[:, :before] += torch.randn_like(x2[:, :before])
@@ -236,18 +236,18 @@ def test_sliding_window_ignores_tokens_outside_it():
     assert not torch.allclose(m(x3)[:, t], y[:, t])
 
 
-def test_window_at_least_seq_len_is_full_attention():
-    m = make_attn(window=12)
-    x = torch.randn(2, 8, D, dtype=torch.float64)
+def test_window_at_least_seq_len_is_full_attention(device):
+    m = make_attn(window=12, device=device)
+    x = torch.randn(2, 8, D, dtype=torch.float64).to(device)
     torch.testing.assert_close(m(x), naive_attention(m, x), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("pos", ["none", "rope"])
 @pytest.mark.parametrize("window", [None, 1, 4])
-def test_step_equals_parallel(pos, window):
+def test_step_equals_parallel(pos, window, device):
     T = 11  # > window
-    m = make_attn(pos=pos, window=window)
-    x = torch.randn(2, T, D, dtype=torch.float64)
+    m = make_attn(pos=pos, window=window, device=device)
+    x = torch.randn(2, T, D, dtype=torch.float64).to(device)
     state, ys = None, []
     for t in range(T):
         y, state = m.step(x[:, t], state)
@@ -259,15 +259,16 @@ def test_step_equals_parallel(pos, window):
 
 
 @pytest.mark.parametrize("window", [None, 2])
-def test_attention_gradcheck_float64(window):
-    m = CausalSelfAttention(LayerSpec(d_model=8, n_head=2, max_seq_len=8, pos="none"), window=window).double()
-    x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
+def test_attention_gradcheck_float64(window, device):
+    m = CausalSelfAttention(LayerSpec(d_model=8, n_head=2, max_seq_len=8, pos="none"), window=window)
+    m = m.to(device, torch.float64)
+    x = torch.randn(1, 5, 8, dtype=torch.float64).to(device).requires_grad_()
     assert torch.autograd.gradcheck(m, (x,), eps=1e-6, atol=1e-6)
 
 
-def test_rope_attention_gradcheck_float64():
-    m = CausalSelfAttention(LayerSpec(d_model=8, n_head=2, max_seq_len=8, pos="rope")).double()
-    x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
+def test_rope_attention_gradcheck_float64(device):
+    m = CausalSelfAttention(LayerSpec(d_model=8, n_head=2, max_seq_len=8, pos="rope")).to(device, torch.float64)
+    x = torch.randn(1, 5, 8, dtype=torch.float64).to(device).requires_grad_()
     assert torch.autograd.gradcheck(m, (x,), eps=1e-6, atol=1e-6)
 
 

@@ -2,7 +2,7 @@
 reference == grouped == fused at the layer level, the load-balance aux loss (and its way into
 TransformerLM's loss), the EMA prototype pull, a learned tau, the dense trunk, the usage counter,
 metrics, locality of a token's gradient, and the layer inside a TransformerLM (zero init, bf16
-autocast, parameter count)."""
+autocast, parameter count). Tests that take ``device`` run on the CPU and on CUDA (conftest.py)."""
 
 import math
 
@@ -15,7 +15,7 @@ from routemem.layers import FFNS, AttractorPatchFFN, DenseFFN, LayerSpec, build_
 from routemem.models import LMConfig, TransformerLM
 from routemem.ops.apn import load_balance_loss, route, routing_stats
 
-from op_checks import needs_compiler
+from op_checks import on_devices
 
 D, H = 16, 2
 SPEC = LayerSpec(d_model=D, n_head=H, max_seq_len=32)
@@ -98,17 +98,17 @@ def test_good_edge_options():
     ({"top_k": 1, "n_patches": 3}, torch.float64),
     ({"prototype_update": "ema", "ema_decay": 0.5}, torch.float32),
 ], ids=["default", "learn_tau-trunk", "k1", "ema"])
-@pytest.mark.parametrize("mode", ["grouped", needs_compiler("fused")])
-def test_reference_and_fast_layers_agree(kw, dtype, mode):
-    grouped = make(dtype, mode=mode, load_balance=0.05, **kw).train()
-    ref = make(dtype, mode="reference", load_balance=0.05, **kw).train()
+@pytest.mark.parametrize("mode, device", on_devices("grouped", "fused"))
+def test_reference_and_fast_layers_agree(kw, dtype, mode, device):
+    grouped = make(dtype, mode=mode, load_balance=0.05, **kw).to(device).train()
+    ref = make(dtype, mode="reference", load_balance=0.05, **kw).to(device).train()
     ref.load_state_dict(grouped.state_dict())
     with torch.no_grad():  # non-zero gates, so a and b matter
         for layer in (grouped, ref):
             layer.gate_scale.copy_(torch.linspace(-1, 1, layer.gate_scale.numel()).view_as(layer.gate_scale))
             layer.gate_bias.fill_(0.3)
-    x = torch.randn(2, 9, D, dtype=dtype)
-    w = torch.randn(2, 9, D, dtype=dtype)
+    x = torch.randn(2, 9, D, dtype=dtype).to(device)
+    w = torch.randn(2, 9, D, dtype=dtype).to(device)
     results = []
     for layer in (grouped, ref):
         xi = x.clone().requires_grad_()

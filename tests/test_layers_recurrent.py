@@ -1,6 +1,7 @@
 """Tests of the recurrent mixers (palimpsa, gla, mamba2, meta_mamba2, gated_deltanet) and their
 shared parts: chunk == reference, step == parallel, bf16 autocast, gradients, state size, init,
-palimpsa(beta = 0) == gla, overfitting in a TransformerLM, and option errors."""
+palimpsa(beta = 0) == gla, overfitting in a TransformerLM, and option errors. Tests that take
+``device`` run on the CPU and on CUDA (conftest.py)."""
 
 import math
 
@@ -29,8 +30,8 @@ CASES = [(n, {}) for n in NAMES] + [
 IDS = [n + "".join(f"-{k}{v}" for k, v in kw.items()) for n, kw in CASES]
 
 
-def make(name, dtype=torch.float32, **kw):
-    return build_mixer(name, SPEC, kw).to(dtype)
+def make(name, dtype=torch.float32, device="cpu", **kw):
+    return build_mixer(name, SPEC, kw).to(device, dtype)  # initialised on the CPU: same weights
 
 
 def state_numel(state: dict) -> int:
@@ -95,11 +96,11 @@ def test_init_helpers():
 
 
 @pytest.mark.parametrize("name, kw", CASES, ids=IDS)
-def test_chunk_equals_reference(name, kw):
-    chunk = make(name, mode="chunk", chunk_size=16, **kw)
-    ref = make(name, mode="reference", **kw)
+def test_chunk_equals_reference(name, kw, device):
+    chunk = make(name, mode="chunk", chunk_size=16, device=device, **kw)
+    ref = make(name, mode="reference", device=device, **kw)
     ref.load_state_dict(chunk.state_dict())
-    x = torch.randn(2, 37, D, requires_grad=True)  # 2 full chunks and a partial one
+    x = torch.randn(2, 37, D).to(device).requires_grad_()  # 2 full chunks and a partial one
     y_chunk, y_ref = chunk(x), ref(x)
     torch.testing.assert_close(y_chunk, y_ref, rtol=1e-4, atol=1e-5)
     w = torch.randn_like(y_ref)
@@ -109,9 +110,9 @@ def test_chunk_equals_reference(name, kw):
 
 
 @pytest.mark.parametrize("name, kw", CASES, ids=IDS)
-def test_step_equals_parallel(name, kw):
-    m = make(name, torch.float64, **kw)
-    x = torch.randn(2, 20, D, dtype=torch.float64)
+def test_step_equals_parallel(name, kw, device):
+    m = make(name, torch.float64, device, **kw)
+    x = torch.randn(2, 20, D, dtype=torch.float64).to(device)
     with torch.no_grad():
         parallel = m(x)
         state, steps = None, []  # state None: the mixer makes its own
@@ -128,7 +129,7 @@ def test_step_equals_parallel(name, kw):
             again.append(y_t)
         torch.testing.assert_close(torch.stack(again, 1), parallel[:, 12:], rtol=1e-9, atol=1e-10)
         # an explicit float32 init_state works for a float32 mixer
-        m32, state = m.float(), m.init_state(2)
+        m32, state = m.float(), m.init_state(2, device)
         y0, _ = m32.step(x[:, 0].float(), state)
         torch.testing.assert_close(y0, parallel[:, 0].float(), rtol=1e-4, atol=1e-5)
 

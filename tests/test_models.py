@@ -1,5 +1,6 @@
 """Tests of routemem.models: TransformerLM shapes, loss, causality and step decoding for every
-registered mixer, generation, accounting, initialisation and the aux-loss/metrics hooks."""
+registered mixer, generation, accounting, initialisation and the aux-loss/metrics hooks. Tests that
+take ``device`` run on the CPU and on CUDA (conftest.py)."""
 
 import pytest
 import torch
@@ -24,12 +25,12 @@ def cfg(**kw) -> LMConfig:
     return LMConfig(**base)
 
 
-def tiny(dtype=torch.float64, **kw) -> TransformerLM:
-    return TransformerLM(cfg(**kw)).to(dtype).eval()
+def tiny(dtype=torch.float64, device="cpu", **kw) -> TransformerLM:
+    return TransformerLM(cfg(**kw)).to(device, dtype).eval()  # initialised on the CPU: same weights
 
 
-def tokens(B=2, T=S, generator=None):
-    return torch.randint(0, V, (B, T), generator=generator)
+def tokens(B=2, T=S, generator=None, device="cpu"):
+    return torch.randint(0, V, (B, T), generator=generator).to(device)
 
 
 # --- forward and loss ----------------------------------------------------------------------
@@ -94,7 +95,7 @@ def test_too_long_sequence_raises():
 def assert_causal(model: TransformerLM, label: str) -> None:
     """Changing token t changes outputs at t and never before it, nor in another batch row."""
     T = 12
-    idx = tokens(2, T)
+    idx = tokens(2, T, device=model.lm_head.weight.device)
     with torch.no_grad():
         base = model(idx)
         for t in (0, 5, T - 1):
@@ -119,8 +120,8 @@ def assert_steps_match(model: TransformerLM, idx: torch.Tensor, parallel: torch.
 
 @pytest.mark.parametrize("pos", POSITIONS)
 @pytest.mark.parametrize("mixer", MIXER_NAMES)
-def test_causality(mixer, pos):
-    assert_causal(tiny(mixer=mixer, pos=pos), f"{mixer}/{pos}")
+def test_causality(mixer, pos, device):
+    assert_causal(tiny(mixer=mixer, pos=pos, device=device), f"{mixer}/{pos}")
 
 
 MIXER_CASES = [(m, {}) for m in MIXER_NAMES] + [("attention", {"window": 4})]
@@ -130,9 +131,9 @@ MIXER_CASES = [(m, {}) for m in MIXER_NAMES] + [("attention", {"window": 4})]
 @pytest.mark.parametrize("mixer, mixer_kwargs", MIXER_CASES,
                          ids=[f"{m}{'-' + '-'.join(f'{k}{v}' for k, v in kw.items()) if kw else ''}"
                               for m, kw in MIXER_CASES])
-def test_step_equals_parallel(mixer, mixer_kwargs, pos):
-    model = tiny(mixer=mixer, mixer_kwargs=mixer_kwargs, pos=pos)
-    idx = tokens(2, S)  # the full context, > any window
+def test_step_equals_parallel(mixer, mixer_kwargs, pos, device):
+    model = tiny(mixer=mixer, mixer_kwargs=mixer_kwargs, pos=pos, device=device)
+    idx = tokens(2, S, device=device)  # the full context, > any window
     with torch.no_grad():
         parallel = model(idx)
     assert_steps_match(model, idx, parallel)
@@ -150,18 +151,18 @@ FFN_IDS = [f + "".join(f"-{k}{v}" for k, v in kw.items()) for f, kw in FFN_CASES
 
 
 @pytest.mark.parametrize("ffn, ffn_kwargs", FFN_CASES, ids=FFN_IDS)
-def test_causality_every_ffn(ffn, ffn_kwargs):
-    assert_causal(tiny(ffn=ffn, ffn_kwargs=ffn_kwargs), ffn)  # eval mode: no ema pull, no aux loss
+def test_causality_every_ffn(ffn, ffn_kwargs, device):
+    assert_causal(tiny(ffn=ffn, ffn_kwargs=ffn_kwargs, device=device), ffn)  # eval mode: no ema pull, no aux loss
 
 
 @pytest.mark.parametrize("ffn, ffn_kwargs", FFN_CASES, ids=FFN_IDS)
-def test_step_equals_parallel_every_ffn(ffn, ffn_kwargs):
-    model = tiny(ffn=ffn, ffn_kwargs=ffn_kwargs)
-    idx = tokens(2, S)
+def test_step_equals_parallel_every_ffn(ffn, ffn_kwargs, device):
+    model = tiny(ffn=ffn, ffn_kwargs=ffn_kwargs, device=device)
+    idx = tokens(2, S, device=device)
     with torch.no_grad():
         parallel = model(idx)
         if ffn != "none":  # the FFN branch contributes, so a step that skipped it would show
-            x = torch.randn(2, 5, D, dtype=torch.float64)
+            x = torch.randn(2, 5, D, dtype=torch.float64, device=device)
             assert model.blocks[0].ffn(x).abs().max() > 0
     assert_steps_match(model, idx, parallel)
 
@@ -195,9 +196,10 @@ def test_zero_init_residual_blocks_are_identities(mixer):
 
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])
-def test_generate_shape_and_determinism(pos):
-    model = tiny(torch.float32, pos=pos)
-    prompt = tokens(2, 4)
+def test_generate_shape_and_determinism(pos, device):
+    """A seeded CPU generator decides the samples wherever the model runs (the CLI seeds one)."""
+    model = tiny(torch.float32, pos=pos, device=device)
+    prompt = tokens(2, 4, device=device)
     out = model.generate(prompt, 40, generator=torch.Generator().manual_seed(1))  # 44 > max_seq_len
     assert out.shape == (2, 44) and out.dtype == torch.long
     assert torch.equal(out[:, :4], prompt)
@@ -206,6 +208,7 @@ def test_generate_shape_and_determinism(pos):
     assert torch.equal(out, again)
     other = model.generate(prompt, 40, generator=torch.Generator().manual_seed(2))
     assert not torch.equal(out, other)
+    assert out.device == prompt.device
 
 
 def test_generate_top_k_1_is_greedy():

@@ -2,7 +2,9 @@
 brute-force computation, the grouped patch mixture and the fused kernel held equal to the per-patch
 loop (outputs and every gradient, through the router too), float64 gradcheck, exact zero gradients
 for unrouted patches, the load-balance loss and the routing diagnostics, input validation and empty
-input. The fused kernel's own cases are in test_ops_apn_fused.py."""
+input. The fused kernel's own cases are in test_ops_apn_fused.py. Tests that take ``device`` run on
+the CPU and on CUDA (conftest.py); the fused kernel is CPU code, so on CUDA ``auto`` must pick the
+grouped form and ``fused`` must refuse."""
 
 import math
 
@@ -22,10 +24,12 @@ from routemem.ops.apn import (
 from routemem.ops.apn.grouped import patch_mixture_grouped
 
 from apn_inputs import D0, K0, R0, assert_close_scaled, forward_backward, good_inputs, make_inputs
-from op_checks import needs_compiler
+from devices import on_cuda
+from op_checks import needs_compiler, on_devices
 
-FAST = ["grouped", needs_compiler("fused")]  # every fast form, held equal to the reference
-ALL_MODES = ["reference", *FAST, needs_compiler("auto")]
+# (mode, device): every fast form, held equal to the reference; fused on the CPU only
+FAST = on_devices("grouped", "fused")
+ALL_MODES = on_devices("reference", "grouped", "fused", "auto")
 
 
 def brute_force_route(z, prototypes, k, tau):
@@ -112,9 +116,9 @@ SHAPES = [  # N, d, K, r, k
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["f64", "f32"])
 @pytest.mark.parametrize("N, d, K, r, k", SHAPES)
-@pytest.mark.parametrize("mode", FAST)
-def test_fast_modes_match_reference_through_route(N, d, K, r, k, dtype, rtol, mode):
-    x = make_inputs(N, d, K, r, dtype)
+@pytest.mark.parametrize("mode, device", FAST)
+def test_fast_modes_match_reference_through_route(N, d, K, r, k, dtype, rtol, mode, device):
+    x = make_inputs(N, d, K, r, dtype, device=device)
     expected = forward_backward("reference", x, k)
     actual = forward_backward(mode, x, k)
     assert actual["out"].dtype == dtype
@@ -128,9 +132,9 @@ def test_fast_modes_match_reference_through_route(N, d, K, r, k, dtype, rtol, mo
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["f64", "f32"])
 @pytest.mark.parametrize("k", [1, 2])
-@pytest.mark.parametrize("mode", FAST)
-def test_fast_modes_match_reference_unbalanced_routing(k, dtype, rtol, mode):
-    x = make_inputs(40, 8, 6, 3, dtype, unbalanced=True)
+@pytest.mark.parametrize("mode, device", FAST)
+def test_fast_modes_match_reference_unbalanced_routing(k, dtype, rtol, mode, device):
+    x = make_inputs(40, 8, 6, 3, dtype, unbalanced=True, device=device)
     expected = forward_backward("reference", x, k)
     load = patch_load(expected["indices"][:, 0], 6)
     assert load[0] >= 0.8 and (load == 0).any(), load  # most tokens' first choice is patch 0
@@ -138,18 +142,19 @@ def test_fast_modes_match_reference_unbalanced_routing(k, dtype, rtol, mode):
 
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["f64", "f32"])
-@pytest.mark.parametrize("mode", FAST)
-def test_fast_modes_match_reference_fixed_indices(dtype, rtol, mode):
+@pytest.mark.parametrize("mode, device", FAST)
+def test_fast_modes_match_reference_fixed_indices(dtype, rtol, mode, device):
     """Hand-made indices: 95% of slot 0 on patch 2, patches 0 and 5 never chosen, and repeated
     patches within a row (the op must add both slots' contributions)."""
     N, d, K, r, k = 60, 8, 6, 3, 3
-    x = make_inputs(N, d, K, r, dtype)
+    x = make_inputs(N, d, K, r, dtype, device=device)
     del x["prototypes"]
     gen = torch.Generator().manual_seed(7)
     indices = torch.randint(1, 5, (N, k), generator=gen)
     indices[: int(0.95 * N), 0] = 2
     indices[3, 1] = indices[3, 2] = 4  # a duplicate
-    weights = torch.rand(N, k, generator=gen, dtype=torch.float64).to(dtype)
+    indices = indices.to(device)
+    weights = torch.rand(N, k, generator=gen, dtype=torch.float64).to(device, dtype)
     expected = forward_backward("reference", x, k, indices=indices, weights=weights)
     actual = forward_backward(mode, x, k, indices=indices, weights=weights)
     assert_close_scaled(actual, expected, rtol)
@@ -189,9 +194,9 @@ def test_group_by_patch_layout():
 
 
 @pytest.mark.parametrize("tile", [1, 3, 8, 64])
-def test_grouped_equals_reference_for_any_tile_size(tile):
+def test_grouped_equals_reference_for_any_tile_size(tile, device):
     """Patches with several tiles, a partly filled last tile, and unused patches."""
-    x = make_inputs(120, 6, 5, 3, unbalanced=True)
+    x = make_inputs(120, 6, 5, 3, unbalanced=True, device=device)
     routing = route(x["z"], x["prototypes"], 2, 0.1)
     counts = torch.bincount(routing.indices.flatten(), minlength=5)
     assert int(counts.max()) > 64 and int((counts == 0).sum()) >= 1  # the shapes this test is for
@@ -204,12 +209,12 @@ def test_grouped_equals_reference_for_any_tile_size(tile):
 # --- gradcheck ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ALL_MODES)
-def test_gradcheck_float64(mode):
+@pytest.mark.parametrize("mode, device", ALL_MODES)
+def test_gradcheck_float64(mode, device):
     N, d, K, r = 5, 3, 4, 2
-    x = make_inputs(N, d, K, r)
-    indices = torch.tensor([[0, 2], [2, 0], [3, 3], [0, 1], [2, 3]])  # a repeated patch in row 2
-    weights = torch.rand(N, 2, dtype=torch.float64)
+    x = make_inputs(N, d, K, r, device=device)
+    indices = torch.tensor([[0, 2], [2, 0], [3, 3], [0, 1], [2, 3]], device=device)  # a repeated patch in row 2
+    weights = torch.rand(N, 2, dtype=torch.float64).to(device)
 
     def fn(z, w, V, U, a, b, idx):
         return patch_mixture(z, idx, w, V, U, a, b, mode=mode)
@@ -233,19 +238,20 @@ def test_gradcheck_route_float64():
 # --- locality: unrouted patches get exactly zero gradient ------------------------------------
 
 
-@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("mode, device", ALL_MODES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_unrouted_patches_get_exactly_zero_gradient(mode, dtype):
+def test_unrouted_patches_get_exactly_zero_gradient(mode, device, dtype):
     N, d, K, r, k = 11, 6, 5, 3, 2
-    x = make_inputs(N, d, K, r, dtype)
+    x = make_inputs(N, d, K, r, dtype, device=device)
     gen = torch.Generator().manual_seed(5)
     used = torch.tensor([0, 2, 3])
     indices = used[torch.randint(0, 3, (N, k), generator=gen)]
     assert set(indices.unique().tolist()) == {0, 2, 3}
-    weights = torch.rand(N, k, generator=gen, dtype=torch.float64).to(dtype)
+    weights = torch.rand(N, k, generator=gen, dtype=torch.float64).to(device, dtype)
+    indices = indices.to(device)
     V, U, a, b = (x[n].clone().requires_grad_() for n in ("V", "U", "a", "b"))
     out = patch_mixture(x["z"], indices, weights, V, U, a, b, mode=mode)
-    (out * torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)).sum().backward()
+    (out * torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device, dtype)).sum().backward()
     for name, p in (("U", U), ("a", a), ("b", b)):
         assert p.grad is not None, name
         for i in (1, 4):
@@ -377,7 +383,7 @@ BAD_INPUTS = {  # case: (argument replaced, its bad value given the good inputs,
 }
 
 
-@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("mode", ["reference", "grouped", needs_compiler("fused"), needs_compiler("auto")])
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_inputs_raise_naming_the_culprit(case, mode):
     arg, bad_value, message = BAD_INPUTS[case]
@@ -395,9 +401,9 @@ def test_modes():
     torch.testing.assert_close(patch_mixture(**x), patch_mixture(**x, mode="grouped"))  # grouped by default
 
 
-@pytest.mark.parametrize("mode", FAST)
-def test_empty_input(mode):
-    x = make_inputs(0, 4, 3, 2, torch.float32)
+@pytest.mark.parametrize("mode, device", FAST)
+def test_empty_input(mode, device):
+    x = make_inputs(0, 4, 3, 2, torch.float32, device=device)
     leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
     routing = route(leaves["z"], leaves["prototypes"], 2, 0.5)
     assert routing.indices.shape == (0, 2) and routing.weights.shape == (0, 2)
@@ -414,3 +420,16 @@ def test_empty_input(mode):
     ref = patch_mixture(x["z"], routing.indices, routing.weights.detach(), x["V"], x["U"], x["a"], x["b"],
                         mode="reference")
     assert ref.shape == (0, 4)
+
+
+@pytest.mark.parametrize("device", [on_cuda("cuda", id="cuda")])
+def test_on_cuda_auto_is_grouped_and_fused_refuses(device):
+    """The fused kernel is CPU code: on CUDA ``auto`` runs the grouped form (and matches the
+    reference), and asking for ``fused`` is a ValueError that names the way out."""
+    x = make_inputs(30, 8, 6, 3, torch.float32, device=device)
+    auto = forward_backward("auto", x, 2)
+    assert auto["out"].device.type == "cuda"
+    assert_close_scaled(auto, forward_backward("grouped", x, 2), rtol=1e-6)  # (index_add's order varies)
+    assert_close_scaled(auto, forward_backward("reference", x, 2), rtol=1e-5)
+    with pytest.raises(ValueError, match="mode='fused' is a CPU kernel.*mode='grouped'"):
+        patch_mixture(**good_inputs(device=device), mode="fused")

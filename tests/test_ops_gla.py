@@ -1,7 +1,7 @@
 """Tests of routemem.ops.gla (scalar-decay gated linear attention): the chunked form held equal to
 the plain-loop reference (outputs, final state and every gradient), float64 gradcheck, state
 carry-over across calls, a closed form with no decay, a hard reset by alpha = 0, input validation
-and the return convention."""
+and the return convention. Tests that take ``device`` run on the CPU and on CUDA (conftest.py)."""
 
 import pytest
 import torch
@@ -12,13 +12,14 @@ from routemem.ops import gated_linear_attention as gla
 B, H, DK, DV = 2, 2, 8, 6
 
 
-def make_inputs(T, *, min_log_alpha=-0.5, with_state=True, dtype=torch.float32):
-    """q, k, v, log_alpha in [min_log_alpha, 0], and an initial state (or None)."""
+def make_inputs(T, *, min_log_alpha=-0.5, with_state=True, dtype=torch.float32, device="cpu"):
+    """q, k, v, log_alpha in [min_log_alpha, 0], and an initial state (or None); drawn on the CPU
+    (the same numbers on every device), then moved to ``device``."""
     q, k = torch.randn(B, T, H, DK, dtype=dtype), torch.randn(B, T, H, DK, dtype=dtype)
     v = torch.randn(B, T, H, DV, dtype=dtype)
     log_alpha = torch.rand(B, T, H, dtype=dtype) * min_log_alpha
     state = torch.randn(B, H, DV, DK, dtype=dtype) if with_state else None
-    return q, k, v, log_alpha, state
+    return tuple(None if t is None else t.to(device) for t in (q, k, v, log_alpha, state))
 
 
 def run_with_grads(mode, q, k, v, log_alpha, state, chunk_size):
@@ -33,33 +34,34 @@ def run_with_grads(mode, q, k, v, log_alpha, state, chunk_size):
 @pytest.mark.parametrize("chunk_size", [16, 64])
 @pytest.mark.parametrize("with_state", [True, False])
 @pytest.mark.parametrize("min_log_alpha", [-0.1, -5.0])  # long memory / strong decay
-def test_chunk_matches_reference(T, chunk_size, with_state, min_log_alpha):
-    inputs = make_inputs(T, min_log_alpha=min_log_alpha, with_state=with_state)
+def test_chunk_matches_reference(T, chunk_size, with_state, min_log_alpha, device):
+    inputs = make_inputs(T, min_log_alpha=min_log_alpha, with_state=with_state, device=device)
     expected = run_with_grads("reference", *inputs, chunk_size)
     actual = run_with_grads("chunk", *inputs, chunk_size)
     assert_close_scaled(actual, expected, rtol=1e-5)
 
 
-def test_chunk_matches_reference_float64():
-    inputs = make_inputs(37, min_log_alpha=-2.0, dtype=torch.float64)
+def test_chunk_matches_reference_float64(device):
+    inputs = make_inputs(37, min_log_alpha=-2.0, dtype=torch.float64, device=device)
     actual = run_with_grads("chunk", *inputs, 8)
     assert actual["o"].dtype == torch.float64
     assert_close_scaled(actual, run_with_grads("reference", *inputs, 8), rtol=1e-12)
 
 
-def test_strong_decay_keeps_float32_accuracy():
+def test_strong_decay_keeps_float32_accuracy(device):
     """Against float64 truth, the float32 chunk form is as accurate as the float32 loop. Decays
     taken as differences g_t - g_s of within-chunk cumsums lose ~|g| * 1e-7 (|g| ~ 150 here)."""
-    inputs = make_inputs(100, min_log_alpha=-5.0)
+    inputs = make_inputs(100, min_log_alpha=-5.0, device=device)
     truth = run_with_grads("reference", *(t.double() for t in inputs), 64)
     assert_close_scaled(run_with_grads("chunk", *inputs, 64), truth, rtol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["reference", "chunk"])
-def test_gradcheck_float64(mode):
+def test_gradcheck_float64(mode, device):
     q, k, v = (torch.randn(1, 5, 2, d, dtype=torch.float64) for d in (3, 3, 2))
     log_alpha = -0.1 - 1.5 * torch.rand(1, 5, 2, dtype=torch.float64)  # stays < 0 under eps
     state = torch.randn(1, 2, 2, 3, dtype=torch.float64)
+    q, k, v, log_alpha, state = (t.to(device) for t in (q, k, v, log_alpha, state))
 
     def fn(q, k, v, log_alpha, state):  # chunk 2: three chunks, the last one ragged
         return gla(q, k, v, log_alpha, initial_state=state, output_final_state=True, mode=mode,
@@ -71,8 +73,8 @@ def test_gradcheck_float64(mode):
 
 @pytest.mark.parametrize("mode", ["reference", "chunk"])
 @pytest.mark.parametrize("split", [1, 17, 32, 49])
-def test_split_sequence_carries_state(mode, split):
-    q, k, v, log_alpha, state = make_inputs(50)
+def test_split_sequence_carries_state(mode, split, device):
+    q, k, v, log_alpha, state = make_inputs(50, device=device)
     kw = dict(output_final_state=True, mode=mode, chunk_size=16)
     o_full, s_full = gla(q, k, v, log_alpha, initial_state=state, **kw)
     a, b = slice(None, split), slice(split, None)
@@ -83,10 +85,10 @@ def test_split_sequence_carries_state(mode, split):
 
 
 @pytest.mark.parametrize("mode", ["reference", "chunk"])
-def test_no_decay_is_causal_linear_attention(mode):
-    q, k, v, _, _ = make_inputs(40, dtype=torch.float64)
+def test_no_decay_is_causal_linear_attention(mode, device):
+    q, k, v, _, _ = make_inputs(40, dtype=torch.float64, device=device)
     scale = 0.3
-    no_decay = torch.zeros(B, 40, H, dtype=torch.float64)
+    no_decay = torch.zeros(B, 40, H, dtype=torch.float64, device=device)
     o = gla(q, k, v, no_decay, scale=scale, mode=mode, chunk_size=16)
     scores = torch.einsum("bthd,bshd->bhts", q, k).tril()  # [B, H, T, T], s <= t
     direct = scale * torch.einsum("bhts,bshv->bthv", scores, v)
@@ -94,11 +96,11 @@ def test_no_decay_is_causal_linear_attention(mode):
 
 
 @pytest.mark.parametrize("mode", ["reference", "chunk"])
-def test_infinite_decay_resets_the_state(mode):
+def test_infinite_decay_resets_the_state(mode, device):
     """log_alpha = -inf (alpha = 0, e.g. at a document boundary) forgets everything before it:
     the rest equals a fresh run from there, and no gradient becomes NaN."""
-    q, k, v, log_alpha, state = (t.requires_grad_() for t in make_inputs(20))
-    reset = log_alpha.detach().index_fill(1, torch.tensor([11]), float("-inf"))
+    q, k, v, log_alpha, state = (t.requires_grad_() for t in make_inputs(20, device=device))
+    reset = log_alpha.detach().index_fill(1, torch.tensor([11], device=device), float("-inf"))
     o, final = gla(q, k, v, reset, initial_state=state, output_final_state=True, mode=mode,
                    chunk_size=8)
     after = slice(11, None)

@@ -1,7 +1,9 @@
 """Tests of routemem.ops.metaplastic: the chunked form (both backward paths) against the plain-loop
 reference (outputs, final state, every gradient), float64 gradcheck, the paper's special cases
 (beta = 0 is GLA with v / I_prior; a large prior approaches it), state hand-over across a split
-sequence (these two for the fused kernel too), input validation and the return conventions."""
+sequence (these two for the fused kernel too), input validation and the return conventions.
+Tests that take ``device`` run on the CPU and on CUDA (conftest.py); the fused kernel is CPU code,
+so on CUDA ``auto`` must pick the chunk form and ``fused`` must refuse."""
 
 import pytest
 import torch
@@ -17,13 +19,15 @@ from metaplastic_inputs import (
     make_inputs,
     make_state,
 )
-from op_checks import needs_compiler
+from devices import on_cuda
+from op_checks import on_devices
 
 from routemem.ops import gated_linear_attention, metaplastic_attention
 from routemem.ops.metaplastic.chunk import metaplastic_chunk
 from routemem.ops.metaplastic.reference import metaplastic_reference
 
-MODES = ["reference", "chunk", needs_compiler("fused")]  # for the paper's special cases and hand-over
+# (mode, device) for the paper's special cases and hand-over: fused on the CPU only
+MODES = on_devices("reference", "chunk", "fused")
 
 
 # ---------------------------------------------------------------- chunk form vs the reference
@@ -32,20 +36,20 @@ MODES = ["reference", "chunk", needs_compiler("fused")]  # for the paper's speci
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero-start", "initial-state"])
 @pytest.mark.parametrize("chunk_size", [16, 64])
 @pytest.mark.parametrize("T", [1, 7, 64, 100])
-def test_chunk_matches_reference_outputs_and_gradients(T, chunk_size, with_state, recompute):
-    inputs = make_inputs(T, seed=T + chunk_size)
-    state = make_state() if with_state else None
+def test_chunk_matches_reference_outputs_and_gradients(T, chunk_size, with_state, recompute, device):
+    inputs = make_inputs(T, seed=T + chunk_size, device=device)
+    state = make_state(device=device) if with_state else None
     leaves = [x.requires_grad_() for x in (*inputs, *(state or ()))]
-    scale = DK ** -0.5
-    expected = flat_outputs(metaplastic_reference(*inputs, PRIOR, scale, state, True))
-    actual = flat_outputs(metaplastic_chunk(*inputs, PRIOR, scale, state, True, chunk_size,
+    scale, prior = DK ** -0.5, PRIOR.to(device)
+    expected = flat_outputs(metaplastic_reference(*inputs, prior, scale, state, True))
+    actual = flat_outputs(metaplastic_chunk(*inputs, prior, scale, state, True, chunk_size,
                                             recompute=recompute))
     for name, a, e in zip(("o", "uncertainty", "final mu", "final importance"), actual, expected):
         assert a.shape == e.shape
         assert_close(a, e, name=name)
 
     g = torch.Generator().manual_seed(7)  # a loss that reads every output
-    weights = [torch.randn(e.shape, generator=g) for e in expected]
+    weights = [torch.randn(e.shape, generator=g).to(device) for e in expected]
     def loss(outputs):
         return sum((w * x).sum() for w, x in zip(weights, outputs))
 
@@ -56,8 +60,8 @@ def test_chunk_matches_reference_outputs_and_gradients(T, chunk_size, with_state
         assert_close(a, e, name="d " + name)
 
 
-def test_public_chunk_mode_matches_reference_with_float_prior():
-    q, k, v, beta, log_alpha = make_inputs(37)
+def test_public_chunk_mode_matches_reference_with_float_prior(device):
+    q, k, v, beta, log_alpha = make_inputs(37, device=device)
     kwargs = dict(i_prior=3.0, output_uncertainty=True, output_final_state=True)
     ref = metaplastic_attention(q, k, v, beta, log_alpha, mode="reference", **kwargs)
     chunk = metaplastic_attention(q, k, v, beta, log_alpha, mode="chunk", chunk_size=8, **kwargs)
@@ -65,12 +69,13 @@ def test_public_chunk_mode_matches_reference_with_float_prior():
         assert_close(a, e)
 
 
-def test_chunk_float64_matches_reference_to_rounding():
-    inputs = make_inputs(50, dtype=torch.float64)
-    state = make_state(dtype=torch.float64)
-    expected = flat_outputs(metaplastic_reference(*inputs, PRIOR.double(), 0.3, state, True))
+def test_chunk_float64_matches_reference_to_rounding(device):
+    inputs = make_inputs(50, dtype=torch.float64, device=device)
+    state = make_state(dtype=torch.float64, device=device)
+    prior = PRIOR.to(device, torch.float64)
+    expected = flat_outputs(metaplastic_reference(*inputs, prior, 0.3, state, True))
     for recompute in (True, False):
-        actual = flat_outputs(metaplastic_chunk(*inputs, PRIOR.double(), 0.3, state, True, 16,
+        actual = flat_outputs(metaplastic_chunk(*inputs, prior, 0.3, state, True, 16,
                                                 recompute=recompute))
         for a, e in zip(actual, expected):
             assert a.dtype == torch.float64
@@ -83,7 +88,7 @@ def test_chunk_float64_matches_reference_to_rounding():
     ("reference", 64, True), ("chunk", 2, True), ("chunk", 4, True),
     ("chunk", 2, False), ("chunk", 4, False),
 ])
-def test_gradcheck_float64(mode, chunk_size, recompute):
+def test_gradcheck_float64(mode, chunk_size, recompute, device):
     """Gradients of every input, the initial state and the per-head prior, from every output."""
     def fn(q, k, v, beta, log_alpha, mu0, importance0, prior):
         if mode == "reference":
@@ -94,17 +99,17 @@ def test_gradcheck_float64(mode, chunk_size, recompute):
                                     chunk_size, recompute=recompute)
         return tuple(flat_outputs(out))
 
-    assert torch.autograd.gradcheck(fn, gradcheck_inputs(), eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(fn, gradcheck_inputs(device), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- the paper's special cases
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode, device", MODES)
 @pytest.mark.parametrize("prior", [0.5, 3.0, "per-head"])
-def test_beta_zero_is_gla_with_v_over_prior(mode, prior):
-    q, k, v, beta, log_alpha = make_inputs(24)
-    i_prior = PRIOR if prior == "per-head" else prior
-    divisor = PRIOR.view(1, 1, H, 1) if prior == "per-head" else prior
+def test_beta_zero_is_gla_with_v_over_prior(mode, device, prior):
+    q, k, v, beta, log_alpha = make_inputs(24, device=device)
+    i_prior = PRIOR.to(device) if prior == "per-head" else prior
+    divisor = i_prior.view(1, 1, H, 1) if prior == "per-head" else prior
     o = metaplastic_attention(q, k, v, torch.zeros_like(beta), log_alpha, i_prior=i_prior,
                               mode=mode, chunk_size=8)
     o_gla = gated_linear_attention(q, k, v / divisor, log_alpha, mode="reference")
@@ -112,12 +117,12 @@ def test_beta_zero_is_gla_with_v_over_prior(mode, prior):
     assert o.abs().max() > 0.1  # not trivially zero
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_large_prior_approaches_gla_monotonically(mode):
+@pytest.mark.parametrize("mode, device", MODES)
+def test_large_prior_approaches_gla_monotonically(mode, device):
     """'Mamba2 is the special case where forgetting dominates': with fixed evidence (beta > 0) the
     gap to GLA with v / I_prior shrinks as the prior grows."""
-    q, k, v, _, log_alpha = make_inputs(32)
-    beta = torch.full((B, 32, H, DV), 0.5)
+    q, k, v, _, log_alpha = make_inputs(32, device=device)
+    beta = torch.full((B, 32, H, DV), 0.5, device=device)
     gaps = []
     for prior in (1.0, 4.0, 16.0, 64.0, 256.0):
         o = metaplastic_attention(q, k, v, beta, log_alpha, i_prior=prior, mode=mode, chunk_size=8)
@@ -129,11 +134,11 @@ def test_large_prior_approaches_gla_monotonically(mode):
 
 # ---------------------------------------------------------------- state hand-over
 
-@pytest.mark.parametrize("mode", MODES)
-def test_split_sequence_with_state_equals_one_pass(mode):
+@pytest.mark.parametrize("mode, device", MODES)
+def test_split_sequence_with_state_equals_one_pass(mode, device):
     T = 40
-    q, k, v, beta, log_alpha = make_inputs(T)
-    kwargs = dict(i_prior=PRIOR, mode=mode, chunk_size=16, output_final_state=True)
+    q, k, v, beta, log_alpha = make_inputs(T, device=device)
+    kwargs = dict(i_prior=PRIOR.to(device), mode=mode, chunk_size=16, output_final_state=True)
     o_full, (mu_full, imp_full) = metaplastic_attention(q, k, v, beta, log_alpha, **kwargs)
     for split in (1, 7, 16, 33):
         head = [x[:, :split] for x in (q, k, v, beta, log_alpha)]
@@ -145,14 +150,30 @@ def test_split_sequence_with_state_equals_one_pass(mode):
         assert_close(importance, imp_full)
 
 
-def test_empty_sequence_returns_the_initial_state():
-    q, k, v, beta, log_alpha = make_inputs(0)
-    state = make_state()
+def test_empty_sequence_returns_the_initial_state(device):
+    q, k, v, beta, log_alpha = make_inputs(0, device=device)
+    state = make_state(device=device)
     for mode in ("reference", "chunk"):
         o, (mu, importance) = metaplastic_attention(q, k, v, beta, log_alpha, initial_state=state,
                                                     output_final_state=True, mode=mode)
         assert o.shape == (B, 0, H, DV)
         assert torch.equal(mu, state[0]) and torch.equal(importance, state[1])
+
+
+@pytest.mark.parametrize("device", [on_cuda("cuda", id="cuda")])
+def test_on_cuda_auto_is_the_chunk_form_and_fused_refuses(device):
+    """The fused kernel is CPU code: on CUDA ``auto`` runs the chunk form (and matches the
+    reference), and asking for ``fused`` is a ValueError that names the way out."""
+    q, k, v, beta, log_alpha = make_inputs(20, device=device)
+    kwargs = dict(i_prior=PRIOR.to(device), chunk_size=8, output_final_state=True)
+    auto = metaplastic_attention(q, k, v, beta, log_alpha, mode="auto", **kwargs)
+    chunk = metaplastic_attention(q, k, v, beta, log_alpha, mode="chunk", **kwargs)
+    ref = metaplastic_attention(q, k, v, beta, log_alpha, mode="reference", **kwargs)
+    assert torch.equal(auto[0], chunk[0]) and auto[0].device.type == "cuda"
+    for a, e in zip((auto[0], *auto[1]), (ref[0], *ref[1])):
+        assert_close(a, e)
+    with pytest.raises(ValueError, match="mode='fused' is a CPU kernel.*mode='chunk'"):
+        metaplastic_attention(q, k, v, beta, log_alpha, mode="fused", **kwargs)
 
 
 # ---------------------------------------------------------------- validation

@@ -59,6 +59,14 @@ class Block(nn.Module):
         return x_t, state
 
 
+def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of ``probs`` [B, V], drawn with ``generator`` on the generator's device
+    (torch.multinomial refuses a generator of another device), returned on ``probs``' device."""
+    if generator is None or generator.device == probs.device:
+        return torch.multinomial(probs, 1, generator=generator)
+    return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
+
+
 class TransformerLM(nn.Module):
     def __init__(self, config: LMConfig):
         super().__init__()
@@ -162,7 +170,9 @@ class TransformerLM(nn.Module):
         """Sample ``max_new_tokens`` after prompt ``idx`` [B, T0]; returns [B, T0 + max_new_tokens].
 
         Decodes with each mixer's ``step``. When the context fills ``max_seq_len``, the cache is
-        rebuilt from the last half-window of tokens, so generation can run past the window."""
+        rebuilt from the last half-window of tokens, so generation can run past the window.
+        ``generator`` may live on another device than the model (a seeded CPU generator for a
+        model on a GPU): sampling then happens on the generator's device."""
         if idx.shape[1] < 1:
             raise ValueError("generate needs a prompt of at least one token")
         if idx.shape[1] > self.config.max_seq_len:
@@ -182,7 +192,7 @@ class TransformerLM(nn.Module):
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             probs = F.softmax(logits, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)
+            nxt = _sample(probs, generator)
             out = torch.cat([out, nxt], dim=1)
             if cache["pos"] >= self.config.max_seq_len:
                 logits, cache = prefill(out[:, -max(1, self.config.max_seq_len // 2):])

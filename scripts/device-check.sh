@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU check: the cuda-marked tests (every fast form held equal to its reference, on CUDA) and
+# every bench suite with --device cuda, in under 8 minutes, summarised in one JSON file.
+#
+#   scripts/device-check.sh [OUT_DIR]        (default: $DEVICE_CHECK_DIR, else ./device-check)
+#
+# Run from the repository root on a machine whose python3 already has torch (CUDA build), pytest,
+# hypothesis, numpy, safetensors, PyYAML, tqdm and matplotlib: nothing is installed, the checkout is
+# put first on PYTHONPATH. Each step runs under its own time limit (seconds; override with
+# PYTEST_TIMEOUT, BENCH_TIMEOUT); a step that fails or runs out of time is recorded and the next one
+# runs. BENCH_FLAGS (e.g. "--quick") is passed to every bench. Writes OUT_DIR/device-check.json
+# (scripts/device_check_summary.py) and exits non-zero when a test failed or a step failed.
+# ROUTEMEM_GIT_COMMIT names the commit where the tree has no .git (a copied checkout).
+set -u
+
+OUT_DIR="${1:-${DEVICE_CHECK_DIR:-device-check}}"
+PYTEST_TIMEOUT="${PYTEST_TIMEOUT:-150}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-90}"
+BENCH_FLAGS="${BENCH_FLAGS:-}"
+SUITES="train palimpsa apn"
+PY="${PYTHON:-python3}"
+
+mkdir -p "$OUT_DIR" && OUT_DIR="$(cd "$OUT_DIR" && pwd)" || exit 2  # absolute: we cd below
+cd "$(dirname "$0")/.." || exit 2
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+rm -f "$OUT_DIR"/steps.tsv "$OUT_DIR"/pytest-cuda.xml "$OUT_DIR"/bench-*.json "$OUT_DIR"/device-check.json
+
+# step NAME LIMIT LOG COMMAND...: run COMMAND under `timeout LIMIT`, output to LOG, and append
+# "NAME<TAB>exit status<TAB>seconds<TAB>LIMIT" to steps.tsv.
+step() {
+    local name="$1" limit="$2" log="$3"
+    shift 3
+    local start end rc
+    start=$(date +%s.%N)
+    timeout -k 10 "$limit" "$@" >"$log" 2>&1
+    rc=$?
+    end=$(date +%s.%N)
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(awk -v a="$start" -v b="$end" 'BEGIN{printf "%.3f", b-a}')" \
+        "$limit" >>"$OUT_DIR/steps.tsv"
+    echo "[device-check] $name: exit $rc ($(tail -n 1 "$log" 2>/dev/null | cut -c1-160))"
+}
+
+# (a bash -c string: timeout runs programs, not shell functions)
+step environment 30 "$OUT_DIR/environment.log" bash -c '
+    nvidia-smi -L > "$1/nvidia-smi.txt" 2>&1; smi=$?
+    cat "$1/nvidia-smi.txt"
+    "$2" -c "import torch; print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, \"GPU\",
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" && exit $smi' _ "$OUT_DIR" "$PY"
+cat "$OUT_DIR/environment.log"
+
+step pytest "$PYTEST_TIMEOUT" "$OUT_DIR/pytest-cuda.log" \
+    "$PY" -m pytest -q -m cuda -p no:cacheprovider -rfEs --junitxml="$OUT_DIR/pytest-cuda.xml" tests
+
+for suite in $SUITES; do
+    # shellcheck disable=SC2086  # BENCH_FLAGS is a list of flags
+    step "bench-$suite" "$BENCH_TIMEOUT" "$OUT_DIR/bench-$suite.log" \
+        "$PY" -m routemem bench "$suite" --device cuda --out "$OUT_DIR/bench-$suite.json" $BENCH_FLAGS
+done
+
+"$PY" scripts/device_check_summary.py "$OUT_DIR" --suites $SUITES
+status=$?
+echo "[device-check] summary: $OUT_DIR/device-check.json"
+exit "$status"
