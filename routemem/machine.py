@@ -8,6 +8,7 @@ final.json share: device, CPU model, GPU name, torch and CUDA versions, and the 
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -49,10 +50,11 @@ def cpu_model() -> str:
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
     """The commit of the routemem source tree in use, with ``+dirty`` when it has uncommitted changes;
+    ``$ROUTEMEM_GIT_COMMIT`` where the tree was copied without .git (a GPU machine's copy, say);
     None for an installed wheel (no git checkout around the package)."""
     root = Path(routemem.__file__).resolve().parent.parent
     if not (root / ".git").exists():
-        return None
+        return os.environ.get("ROUTEMEM_GIT_COMMIT") or None
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=10, check=True).stdout.strip()
