@@ -149,7 +149,7 @@ def test_after_adaptation_rule_is_directional_lower_is_better(ours, base, verdic
 def test_tiny_study_end_to_end(tmp_path):
     results = apn.run(tmp_path, setting=TINY, pair="pydocs:pycode")
     study = tmp_path / "apn"
-    assert {p.name for p in study.iterdir()} == {"results.json", "report.md", "forgetting_curves.png",
+    assert {p.name for p in study.iterdir()} == {"runs", "results.json", "report.md", "forgetting_curves.png",
                                                  "patch_usage.png", "tradeoff.png"}
     saved = json.loads((study / "results.json").read_text())
     assert saved["study"] == "apn" and saved["mode"] == "custom"

@@ -92,11 +92,11 @@ def test_an_interrupted_study_resumes_from_its_finished_runs(tmp_path, monkeypat
     trained = []
     real_train_one = palimpsa.train_one
 
-    def counting_train_one(setting, mixer, lr, seed):
+    def counting_train_one(setting, mixer, lr, seed, device="cpu"):
         trained.append(mixer)
         if mixer == "gla" and len(trained) == 2:
             raise KeyboardInterrupt  # the first invocation dies in its second run
-        return real_train_one(setting, mixer, lr, seed)
+        return real_train_one(setting, mixer, lr, seed, device)
 
     monkeypatch.setattr(palimpsa, "train_one", counting_train_one)
     with pytest.raises(KeyboardInterrupt):
