@@ -168,6 +168,42 @@ def test_tiny_study_end_to_end(tmp_path):
     assert "Retention against adaptation" in report
     assert set(saved["tradeoff"]["mean_ppl_by_arm_and_lr"]) == set(TINY.arms)
     assert len(saved["tradeoff"]["apn_patches_vs_dense_global"]) == len(TINY.seeds)
+    # the paper's numbers beside ours, claims in plain words, the plot's seeds named
+    assert all(c["statement"] in report for c in saved["claims"])
+    assert "| paper: A test ppl |" in report and "| paper: A after |" in report and "| paper: B after |" in report
+    assert "| apn-patches | 0.003" in report and "11.1 |" in report and "29.4 |" in report
+    assert "— (our control)" in report
+    assert "mean over seeds [0, 1]" in report
+
+
+def _runs_without_timing(results: dict) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads(json.dumps(results["runs"]))]
+
+
+def test_shards_and_worker_processes_give_the_runs_of_one_process(tmp_path):
+    """One seed: two units (dense, apn). Compared exactly: each unit seeds what it draws, and every
+    invocation here gives a run one CPU thread (tests/conftest.py)."""
+    setting = replace(TINY, seeds=(0,), adapt_lrs=(3e-3,))
+    kwargs = {"setting": setting, "pair": "pydocs:pycode", "device": "cpu"}
+    alone = apn.run(tmp_path / "alone", **kwargs)
+    for shard in ("0/2", "1/2"):
+        done = apn.run(tmp_path / "sharded", shard=shard, **kwargs)
+        assert (done["trained"], done["reused"]) == (1, 0)
+        assert not (tmp_path / "sharded" / "apn" / "results.json").exists()
+    assert sorted(p.name for p in (tmp_path / "sharded" / "apn" / "runs").iterdir()) == ["apn-seed0.json",
+                                                                                      "dense-seed0.json"]
+    assembled = apn.run(tmp_path / "sharded", **kwargs)
+    assert assembled["runs_reused"] == 2
+    assert _runs_without_timing(assembled) == _runs_without_timing(alone)
+    assert [r["arm"] for r in alone["runs"]] == ["pretrain-dense", "pretrain-apn", *setting.arms]
+    parallel = apn.run(tmp_path / "parallel", jobs=2, **kwargs)
+    assert _runs_without_timing(parallel) == _runs_without_timing(alone)
+
+
+def test_a_cached_unit_is_not_reused_for_another_domain_pair(tmp_path):
+    setting = replace(TINY, seeds=(0,), adapt_lrs=(3e-3,), arms=("dense-global",))
+    apn.run(tmp_path, setting=setting, pair="pydocs:pycode", device="cpu", shard="0/2")
+    assert apn.run(tmp_path, setting=setting, pair="pycode:pydocs", device="cpu", shard="0/2")["reused"] == 0
 
 
 def test_dominated_finds_rates_better_on_both_domains():

@@ -70,7 +70,7 @@ def report(results: dict, setting, chosen: dict[str, list[dict]]) -> str:
     for kind in ("dense", "apn"):
         runs = _pretrained(results, kind)
         if runs:
-            stage1.append([kind, PAPER_PRETRAINED[kind], runs[0]["params"], runs[0]["ffn_params"], runs[0]["ffn_active_per_token"],
+            stage1.append([kind, f"{PAPER_PRETRAINED[kind]:g}", runs[0]["params"], runs[0]["ffn_params"], runs[0]["ffn_active_per_token"],
                            _cell([r["metrics"]["a_test_ppl"] for r in runs]),
                            _cell([r["metrics"]["b_test_ppl"] for r in runs]),
                            _cell([r["metrics"]["final_train_loss"] for r in runs])])
@@ -85,9 +85,9 @@ def report(results: dict, setting, chosen: dict[str, list[dict]]) -> str:
                        _cell([r["changed_fraction"] for r in runs]),
                        _cell([r["patches_changed_fraction"] for r in runs if "patches_changed_fraction" in r]),
                        _cell([before[r["seed"]]["a_test_ppl"] for r in runs]),
-                       _cell([r["metrics"]["a_test_ppl"] for r in runs]), paper[0] if paper else NOT_IN_PAPER,
+                       _cell([r["metrics"]["a_test_ppl"] for r in runs]), f"{paper[0]:g}" if paper else NOT_IN_PAPER,
                        _cell([before[r["seed"]]["b_test_ppl"] for r in runs]),
-                       _cell([r["metrics"]["b_test_ppl"] for r in runs]), paper[1] if paper else NOT_IN_PAPER])
+                       _cell([r["metrics"]["b_test_ppl"] for r in runs]), f"{paper[1]:g}" if paper else NOT_IN_PAPER])
     usage = [r["patch_usage"]["overlap"] for r in _pretrained(results, "apn")]
     lines = [
         f"# Attractor Patch Networks: {a} -> {b} ({results['mode']})",
