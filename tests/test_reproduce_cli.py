@@ -77,6 +77,7 @@ def test_shards_partition_the_full_run_list_whatever_is_cached(tmp_path):
     assert sorted(outcome.records) == ["u0", "u3", "u6"] and outcome.trained == 2 and outcome.reused == 1
 
 
+@pytest.mark.slow  # spawns worker processes (each imports torch)
 def test_workers_get_their_share_of_threads_and_no_step_bars(tmp_path):
     units = [Unit(f"u{i}", where_am_i, (f"u{i}",)) for i in range(4)]
     threads = torch.get_num_threads()
@@ -93,7 +94,8 @@ def test_workers_get_their_share_of_threads_and_no_step_bars(tmp_path):
     assert {r["step_bars"] for r in records.values()} == {"0"}
 
 
-def test_jobs_give_the_same_runs_as_one_process(tmp_path, monkeypatch):
+@pytest.mark.slow  # spawns worker processes (each imports torch)
+def test_jobs_give_the_same_runs_as_one_process(tmp_path):
     """Bit-identical, not just close: each run seeds everything it draws, and here both invocations
     give each run one CPU thread (tests/conftest.py sets 1; 1 // 2 -> 1). With different thread
     counts float sums may be split differently and the last bits can differ."""

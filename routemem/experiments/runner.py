@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from tqdm import tqdm as std_tqdm
 from tqdm.auto import tqdm
 
 from routemem.errors import UserError
@@ -133,25 +135,28 @@ def _in_workers(missing: list[Unit], cache: RunCache, execution: Execution, env:
                 bar) -> None:
     # spawn, not fork: a forked child inherits torch's and the kernels' thread pools (and a CUDA
     # context) in whatever state the parent's threads left them. The parent writes the cache, so
-    # each file has one writer; a unit that fails stops the rest, the finished ones stay cached.
+    # each file has one writer. The workers are terminated at the end: after a unit fails or
+    # on Ctrl-C nothing goes on running, and the units finished so far stay cached.
     context = multiprocessing.get_context("spawn")
     workers = min(execution.jobs, len(missing))
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                             initargs=(threads_per_job(execution.jobs),)) as pool:
-        pending = {pool.submit(unit.fn, *unit.args): unit for unit in missing}
-        try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    unit = pending.pop(future)
-                    records[unit.name] = cache.put(unit.name, future.result(), env)
-                    bar.update()
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
+    pool = context.Pool(workers, initializer=_start_worker, initargs=(threads_per_job(execution.jobs),))
+    try:
+        for name, record in pool.imap_unordered(_run_unit, missing):
+            records[name] = cache.put(name, record, env)
+            bar.update()
+        pool.close()
+    finally:
+        pool.terminate()  # after close(): a no-op wait; after an error or Ctrl-C: stops the workers now
+        pool.join()
+
+
+def _run_unit(unit: Unit) -> tuple[str, object]:
+    return unit.name, unit.fn(*unit.args)
 
 
 def _start_worker(threads: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
     torch.set_num_threads(threads)
     os.environ["ROUTEMEM_STEP_BARS"] = "0"  # the parent's outer bar only; N inner bars would interleave
+    # tqdm's default lock is a multiprocessing semaphore, which a terminated worker would leak
+    std_tqdm.set_lock(threading.RLock())
