@@ -237,3 +237,14 @@ def test_cli_rejects_bad_pair(argv, message, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "apn").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tiny_study_trains_on_cuda(tmp_path):
+    """On a GPU the models, batches and evaluation live there (mode="auto" picks the grouped APN
+    form, not the CPU kernel), and bf16 autocast is used where the GPU has it."""
+    setting = replace(TINY, seeds=(0,), adapt_lrs=(3e-3,), bf16=True)
+    results = apn.run(tmp_path, setting=setting, pair="pydocs:pycode", device="cuda")
+    assert results["env"]["device"] == "cuda" and results["env"]["gpu"]
+    assert results["execution"]["bf16"] == torch.cuda.is_bf16_supported()
+    assert all(r["metrics"]["a_test_ppl"] > 1 for r in results["runs"] if "metrics" in r)

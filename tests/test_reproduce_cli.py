@@ -14,7 +14,14 @@ from worker_probe import where_am_i
 from routemem.cli import main
 from routemem.experiments import palimpsa
 from routemem.experiments.common import RunCache
-from routemem.experiments.runner import Execution, Shard, Unit, run_units, share_of, threads_per_job
+from routemem.experiments.runner import (
+    Execution,
+    Shard,
+    Unit,
+    run_units,
+    share_of,
+    threads_per_job,
+)
 
 # 4 runs of a few steps each: seconds on a CPU
 TINY = replace(

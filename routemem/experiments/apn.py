@@ -38,7 +38,13 @@ import torch
 from routemem.data import ByteTokenizer, WindowSampler, load_corpus, load_splits
 from routemem.errors import ConfigError, DataError, TrainingDiverged
 from routemem.experiments import apn_claims, apn_report
-from routemem.experiments.common import RunCache, best_per_seed, env_header, use_bf16, write_outputs
+from routemem.experiments.common import (
+    RunCache,
+    best_per_seed,
+    env_header,
+    use_bf16,
+    write_outputs,
+)
 from routemem.experiments.runner import Execution, Unit, run_units
 from routemem.layers import AttractorPatchFFN, LayerSpec
 from routemem.layers.lora import LoRALinear, add_lora

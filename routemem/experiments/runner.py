@@ -43,7 +43,7 @@ class Shard:
     count: int
 
     @classmethod
-    def parse(cls, text: str) -> "Shard":
+    def parse(cls, text: str) -> Shard:
         try:
             index, count = (int(part) for part in text.split("/"))
         except ValueError:
@@ -85,7 +85,7 @@ class Execution:
 
     @classmethod
     def make(cls, device: str | torch.device = "auto", jobs: int | str = 1,
-             shard: Shard | str | None = None) -> "Execution":
+             shard: Shard | str | None = None) -> Execution:
         shard = Shard.parse(shard) if isinstance(shard, str) else shard
         return cls(resolve_device(device), parse_jobs(jobs), shard)
 
