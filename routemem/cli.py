@@ -112,6 +112,7 @@ def cmd_bench(args) -> int:
 
 def cmd_reproduce(args) -> int:
     from routemem.experiments import STUDIES
+    from routemem.experiments.runner import Shard, parse_jobs
 
     if args.study not in STUDIES:
         known = ", ".join(sorted(STUDIES)) or "none yet"
@@ -121,8 +122,25 @@ def cmd_reproduce(args) -> int:
         if args.study != "apn":
             raise UserError(f"--pair applies to the apn study only, not '{args.study}'")
         extra["pair"] = args.pair
-    STUDIES[args.study](out=Path(args.out), quick=args.quick, data_dir=args.data_dir, **extra)
+    jobs, shard = parse_jobs(args.jobs), Shard.parse(args.shard) if args.shard is not None else None
+    out = STUDIES[args.study](out=Path(args.out), quick=args.quick, data_dir=args.data_dir, device=args.device,
+                              jobs=jobs, shard=shard, **extra)
+    if shard is not None:
+        print(f"shard {out['shard']}: trained {out['trained']} run(s), {out['reused']} already cached, in "
+              f"{out['runs_dir']}; no report written (run the same command without --shard once every "
+              "shard has finished to assemble it)")
+        return 0
+    from routemem.experiments.common import verdict_lines
+
+    print("\n".join(verdict_lines(out, Path(args.out) / args.study / "report.md")))
     return 0
+
+
+def _reproduce_description() -> str:
+    from routemem.experiments import ABOUT
+
+    return "Run a paper's experiment; writes OUT/<study>/{results.json, report.md, *.png}.\n\nstudies:\n" + \
+        "\n".join(f"  {name:<10} {text}" for name, text in ABOUT.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,13 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the JSON to this file")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("reproduce", help="run a paper's experiment; writes OUT/<study>/results.json")
-    p.add_argument("study")
-    p.add_argument("--out", default="results")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--data-dir")
+    p = sub.add_parser("reproduce", help="run a paper's experiment; writes OUT/<study>/results.json",
+                       description=_reproduce_description(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", help="which study (listed above)")
+    p.add_argument("--out", default="results", help="results go to OUT/<study>/ (default: results)")
+    p.add_argument("--quick", action="store_true", help="the small setting: minutes, not hours, on a CPU")
+    p.add_argument("--data-dir", help="folder holding file corpora (default $ROUTEMEM_DATA)")
     p.add_argument("--pair", metavar="A:B", help="apn: domain pair, e.g. pydocs:pycode (default: "
                    "shakespeare:warandpeace when the data folder has them)")
+    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}",
+                   help="where to train (auto: cuda when torch sees a GPU)")
+    p.add_argument("--jobs", default="1", metavar="N",
+                   help="train N runs at once in worker processes, each with 1/N of the CPU threads "
+                        "(on cuda all share the one GPU)")
+    p.add_argument("--shard", metavar="I/N", help="train only runs I, I+N, I+2N, ... (0 <= I < N) into "
+                   "OUT/<study>/runs/ and stop; a last run without --shard writes the report")
     p.set_defaults(func=cmd_reproduce)
     return parser
 

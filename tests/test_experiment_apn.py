@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import replace
 
 import pytest
@@ -149,7 +150,7 @@ def test_after_adaptation_rule_is_directional_lower_is_better(ours, base, verdic
 def test_tiny_study_end_to_end(tmp_path):
     results = apn.run(tmp_path, setting=TINY, pair="pydocs:pycode")
     study = tmp_path / "apn"
-    assert {p.name for p in study.iterdir()} == {"results.json", "report.md", "forgetting_curves.png",
+    assert {p.name for p in study.iterdir()} == {"runs", "results.json", "report.md", "forgetting_curves.png",
                                                  "patch_usage.png", "tradeoff.png"}
     saved = json.loads((study / "results.json").read_text())
     assert saved["study"] == "apn" and saved["mode"] == "custom"
@@ -168,6 +169,43 @@ def test_tiny_study_end_to_end(tmp_path):
     assert "Retention against adaptation" in report
     assert set(saved["tradeoff"]["mean_ppl_by_arm_and_lr"]) == set(TINY.arms)
     assert len(saved["tradeoff"]["apn_patches_vs_dense_global"]) == len(TINY.seeds)
+    # the paper's numbers beside ours, claims in plain words, the plot's seeds named
+    assert all(c["statement"] in report for c in saved["claims"])
+    assert "| paper: A test ppl |" in report and "| paper: A after |" in report and "| paper: B after |" in report
+    assert "| apn-patches | 0.003" in report and "11.1 |" in report and "29.4 |" in report
+    assert "— (our control)" in report
+    assert "mean over seeds [0, 1]" in report
+
+
+def _runs_without_timing(results: dict) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads(json.dumps(results["runs"]))]
+
+
+def test_shards_give_the_runs_of_one_process(tmp_path):
+    """One seed: two units (dense, apn). Compared exactly: each unit seeds what it draws, and every
+    invocation here gives a run one CPU thread (tests/conftest.py)."""
+    setting = replace(TINY, seeds=(0,), adapt_lrs=(3e-3,))
+    kwargs = {"setting": setting, "pair": "pydocs:pycode", "device": "cpu"}
+    alone = apn.run(tmp_path / "alone", **kwargs)
+    for shard in ("0/2", "1/2"):
+        done = apn.run(tmp_path / "sharded", shard=shard, **kwargs)
+        assert (done["trained"], done["reused"]) == (1, 0)
+        assert not (tmp_path / "sharded" / "apn" / "results.json").exists()
+    assert sorted(p.name for p in (tmp_path / "sharded" / "apn" / "runs").iterdir()) == ["apn-seed0.json",
+                                                                                      "dense-seed0.json"]
+    assembled = apn.run(tmp_path / "sharded", **kwargs)
+    assert assembled["runs_reused"] == 2
+    assert _runs_without_timing(assembled) == _runs_without_timing(alone)
+    assert [r["arm"] for r in alone["runs"]] == ["pretrain-dense", "pretrain-apn", *setting.arms]
+    # --jobs sends units to spawned workers by pickling them (tests/test_reproduce_cli.py runs workers)
+    units = apn.units(setting, "pydocs:pycode", None, torch.device("cpu"))
+    assert pickle.loads(pickle.dumps(units)) == units
+
+
+def test_a_cached_unit_is_not_reused_for_another_domain_pair(tmp_path):
+    setting = replace(TINY, seeds=(0,), adapt_lrs=(3e-3,), arms=("dense-global",))
+    apn.run(tmp_path, setting=setting, pair="pydocs:pycode", device="cpu", shard="0/2")
+    assert apn.run(tmp_path, setting=setting, pair="pycode:pydocs", device="cpu", shard="0/2")["reused"] == 0
 
 
 def test_dominated_finds_rates_better_on_both_domains():
@@ -199,3 +237,14 @@ def test_cli_rejects_bad_pair(argv, message, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "apn").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tiny_study_trains_on_cuda(tmp_path):
+    """On a GPU the models, batches and evaluation live there (mode="auto" picks the grouped APN
+    form, not the CPU kernel), and bf16 autocast is used where the GPU has it."""
+    setting = replace(TINY, seeds=(0,), adapt_lrs=(3e-3,), bf16=True)
+    results = apn.run(tmp_path, setting=setting, pair="pydocs:pycode", device="cuda")
+    assert results["env"]["device"] == "cuda" and results["env"]["gpu"]
+    assert results["execution"]["bf16"] == torch.cuda.is_bf16_supported()
+    assert all(r["metrics"]["a_test_ppl"] > 1 for r in results["runs"] if "metrics" in r)

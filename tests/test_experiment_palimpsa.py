@@ -66,6 +66,15 @@ def test_tiny_study_writes_results_report_and_plots(tmp_path):
         assert 0.0 <= run["metrics"]["grid_mean"] <= 1.0 and run["state_size"] > 0
     report = (study / "report.md").read_text()
     assert "| palimpsa |" in report and "## Claims" in report
+    # chance beside every accuracy: a uniform guess among the values, the upper half of the vocabulary
+    chance = 1 / (TINY.vocab_size - TINY.vocab_size // 2)
+    assert on_disk["chance_accuracy"] == pytest.approx(chance)
+    assert on_disk["claims"][0]["chance"] == pytest.approx(chance)
+    assert f"| chance (uniform over values) | {chance:.4f} |" in report
+    # the paper's column (no number at our settings: said so, with its qualitative claim)
+    assert "| claim | paper | ours (mean ± std over seeds) | chance | verdict | why |" in report
+    assert report.count("not reported") >= 3
+    assert all(c["statement"] in report for c in on_disk["claims"])
     assert (study / "accuracy_vs_kv_pairs.png").stat().st_size > 1000
     assert (study / "accuracy_vs_state_size.png").stat().st_size > 1000
     assert results["claims"][1]["verdict"] == REPRODUCED
@@ -92,11 +101,11 @@ def test_an_interrupted_study_resumes_from_its_finished_runs(tmp_path, monkeypat
     trained = []
     real_train_one = palimpsa.train_one
 
-    def counting_train_one(setting, mixer, lr, seed):
+    def counting_train_one(setting, mixer, lr, seed, device="cpu"):
         trained.append(mixer)
         if mixer == "gla" and len(trained) == 2:
             raise KeyboardInterrupt  # the first invocation dies in its second run
-        return real_train_one(setting, mixer, lr, seed)
+        return real_train_one(setting, mixer, lr, seed, device)
 
     monkeypatch.setattr(palimpsa, "train_one", counting_train_one)
     with pytest.raises(KeyboardInterrupt):

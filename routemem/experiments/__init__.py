@@ -1,5 +1,6 @@
-"""One file per paper's experiment, each with ``run(out, quick, data_dir)``. Studies import
-matplotlib and train models, so ``STUDIES`` loads a study's module only when it is run."""
+"""One file per paper's experiment, each with ``run(out, quick, data_dir, device, jobs, shard)``.
+Studies import matplotlib and train models, so ``STUDIES`` loads a study's module only when it is
+run; ``ABOUT`` is what ``routemem reproduce --help`` lists."""
 
 from __future__ import annotations
 
@@ -16,3 +17,7 @@ def _lazy(module: str) -> Callable:
 
 
 STUDIES: dict[str, Callable] = {"apn": _lazy("apn"), "palimpsa": _lazy("palimpsa")}
+ABOUT: dict[str, str] = {
+    "apn": "Attractor Patch Networks: near-dense perplexity, less forgetting when adapted to a new domain",
+    "palimpsa": "Palimpsa (metaplastic attention) against GLA, Mamba2 and others on associative recall (MQAR)",
+}

@@ -16,11 +16,18 @@ perplexity is kept. Perplexity on A-test (retention) and B-test (adaptation) is 
 along the way (forgetting curves) and after; plus the fraction of parameters each arm changed and
 how much the patches used on A and on B overlap. Adaptation uses no weight decay, so a parameter
 changes only if its gradient (or its Adam moment) says so.
+
+Unit of work (``--jobs`` / ``--shard``): one seed's pretraining of one FFN kind followed by every
+adaptation of that pretrained model (its arms at every rate). Stage 2 needs the stage-1 weights,
+so splitting the stages would make a shard wait for (or redo) another machine's pretraining; a
+(kind, seed) pipeline is self-contained, keeps the weights in memory, and its record is cached as
+one file. The price: at most 2 x seeds units run at once.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,7 +38,14 @@ import torch
 from routemem.data import ByteTokenizer, WindowSampler, load_corpus, load_splits
 from routemem.errors import ConfigError, DataError, TrainingDiverged
 from routemem.experiments import apn_claims, apn_report
-from routemem.experiments.common import best_per_seed, env_header, write_outputs
+from routemem.experiments.common import (
+    RunCache,
+    best_per_seed,
+    env_header,
+    use_bf16,
+    write_outputs,
+)
+from routemem.experiments.runner import Execution, Unit, run_units
 from routemem.layers import AttractorPatchFFN, LayerSpec
 from routemem.layers.lora import LoRALinear, add_lora
 from routemem.models import LMConfig, TransformerLM
@@ -96,6 +110,12 @@ def load_domains(pair: str, data_dir: str | None) -> dict:
             "names": tuple(names), "sha256": {c.name: c.sha256 for c in corpora}}
 
 
+@functools.lru_cache(maxsize=2)
+def cached_domains(pair: str, data_dir: str | None) -> dict:
+    """``load_domains``, once per process (a worker runs several units on the same pair)."""
+    return load_domains(pair, data_dir)
+
+
 def model_config(setting: Setting, kind: str) -> LMConfig:
     """kind "apn", or "dense" with the hidden width that matches the APN FFN's parameter count."""
     base = LMConfig(vocab_size=256, n_layer=setting.n_layer, d_model=setting.d_model, n_head=setting.n_head,
@@ -120,9 +140,14 @@ def ffn_size(model: TransformerLM) -> dict:
             "ffn_active_per_token": active}
 
 
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def perplexity(model, tokens: np.ndarray, setting: Setting, max_tokens: int) -> float:
+    device = device_of(model)
     return evaluate(model, tokens, seq_len=setting.seq_len, batch_size=setting.batch_size,
-                    max_tokens=max_tokens, bf16=setting.bf16)["ppl"]
+                    max_tokens=max_tokens, device=device, bf16=use_bf16(setting.bf16, device))["ppl"]
 
 
 def train_config(setting: Setting, steps: int, lr: float, seed: int, weight_decay: float) -> TrainConfig:
@@ -133,14 +158,17 @@ def train_config(setting: Setting, steps: int, lr: float, seed: int, weight_deca
 # --- stage 1 ---------------------------------------------------------------------------------
 
 
-def pretrain(setting: Setting, kind: str, domains: dict, seed: int) -> tuple[TransformerLM, dict]:
+def pretrain(setting: Setting, kind: str, domains: dict, seed: int,
+             device: str | torch.device = "cpu") -> tuple[TransformerLM, dict]:
+    """The model is built on the CPU (the same initial weights on every device), then moved."""
     start = time.perf_counter()
     torch.manual_seed(seed)
-    model = TransformerLM(model_config(setting, kind))
+    device = torch.device(device)
+    model = TransformerLM(model_config(setting, kind)).to(device)
     sampler = WindowSampler(domains["A"]["train"], setting.seq_len, seed=seed, name="domain A train")
     cfg = train_config(setting, setting.pretrain_steps, setting.pretrain_lr, seed, weight_decay=0.1)
     losses = fit_steps(model, lambda step: sampler.get_batch(step, setting.batch_size), cfg,
-                       bf16=setting.bf16, progress=f"pretrain {kind} seed={seed}")
+                       bf16=use_bf16(setting.bf16, device), progress=f"pretrain {kind} seed={seed}")
     record = {"arm": f"pretrain-{kind}", "seed": seed, "lr": setting.pretrain_lr, **ffn_size(model),
               "metrics": {"a_test_ppl": perplexity(model, domains["A"]["test"], setting, setting.test_tokens),
                           "b_test_ppl": perplexity(model, domains["B"]["test"], setting, setting.test_tokens),
@@ -162,7 +190,7 @@ def patch_usage(model: TransformerLM, domains: dict, setting: Setting) -> dict:
     usage = {}
     for domain in ("A", "B"):
         for ffn in layers:
-            ffn.usage = torch.zeros(ffn.n_patches)
+            ffn.usage = torch.zeros(ffn.n_patches, device=device_of(model))
         perplexity(model, domains[domain]["test"], setting, setting.test_tokens)
         usage[domain] = [(ffn.usage / ffn.usage.sum()).tolist() for ffn in layers]
         for ffn in layers:
@@ -225,7 +253,8 @@ def train_arm(base: TransformerLM, arm: str, lr: float, seed: int, domains: dict
     model = prepare_arm(base, arm, setting)
     sampler = WindowSampler(domains["B"]["train"], setting.seq_len, seed=1000 + seed, name="domain B train")
     cfg = train_config(setting, setting.adapt_steps, lr, seed, weight_decay=0.0)
-    fit_steps(model, lambda step: sampler.get_batch(step, setting.batch_size), cfg, bf16=setting.bf16,
+    fit_steps(model, lambda step: sampler.get_batch(step, setting.batch_size), cfg,
+              bf16=use_bf16(setting.bf16, device_of(model)),
               progress=f"{arm} lr={lr:g} seed={seed}", after_step=lambda step: after_step(model, step)
               if after_step else None)
     return model
@@ -257,38 +286,67 @@ def adapt(base: TransformerLM, arm: str, lr: float, seed: int, domains: dict, se
             "curve": curve, "seconds": time.perf_counter() - start}
 
 
+def train_kind(setting: Setting, kind: str, pair: str, data_dir: str | None, seed: int,
+               device: str = "cpu") -> list[dict]:
+    """One unit of work: pretrain ``kind`` ("dense" or "apn") on A with ``seed``, then adapt that
+    model with each of the setting's arms of this kind at every rate. Its run records."""
+    domains = cached_domains(pair, data_dir)
+    model, record = pretrain(setting, kind, domains, seed, device)
+    runs = [record]
+    for arm in setting.arms:
+        if arm.split("-")[0] == kind:
+            runs += [adapt(model, arm, lr, seed, domains, setting, record["metrics"]) for lr in setting.adapt_lrs]
+    return runs
+
+
+def units(setting: Setting, pair: str, data_dir: str | None, device: torch.device) -> list[Unit]:
+    return [Unit(f"{kind}-seed{seed}", train_kind, (setting, kind, pair, data_dir, seed, device.type))
+            for seed in setting.seeds for kind in ("dense", "apn")]
+
+
+def ordered(runs: list[dict], setting: Setting) -> list[dict]:
+    """Per seed: both pretrainings, then the arms in the setting's order, each at every rate."""
+    arms = [f"pretrain-{kind}" for kind in ("dense", "apn")] + list(setting.arms)
+    return sorted(runs, key=lambda r: (list(setting.seeds).index(r["seed"]), arms.index(r["arm"]),
+                                       0 if r["arm"].startswith("pretrain") else list(setting.adapt_lrs).index(r["lr"])))
+
+
 def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Setting | None = None,
-        pair: str | None = None) -> dict:
-    """Writes OUT/apn/{results.json, report.md, forgetting_curves.png, patch_usage.png}."""
+        pair: str | None = None, device: str | torch.device = "auto", jobs: int = 1, shard=None) -> dict:
+    """Writes OUT/apn/{results.json, report.md, forgetting_curves.png, patch_usage.png, tradeoff.png}.
+    Each finished (kind, seed) unit is kept in OUT/apn/runs/, so a rerun resumes; with ``shard`` only
+    that shard's units are trained and a summary (``{"shard", "trained", "reused", "runs_dir"}``)
+    is returned without writing the report."""
     setting = setting or (QUICK if quick else FULL)
+    execution = Execution.make(device, jobs, shard)
     pair = pair or default_pair(data_dir)
-    domains = load_domains(pair, data_dir)
+    domains = cached_domains(pair, data_dir)  # a bad pair or missing corpus fails here, before any training
+    study_dir = Path(out) / "apn"
     started = time.perf_counter()
-    runs = []
-    for seed in setting.seeds:
-        bases = {}
-        for kind in ("dense", "apn"):
-            model, record = pretrain(setting, kind, domains, seed)
-            runs.append(record)
-            bases[kind] = (model, record["metrics"])
-        for arm in setting.arms:
-            model, before = bases[arm.split("-")[0]]
-            runs += [adapt(model, arm, lr, seed, domains, setting, before) for lr in setting.adapt_lrs]
+    cache = RunCache(study_dir / "runs", {"setting": asdict(setting), "pair": pair, "sha256": domains["sha256"]})
+    todo = units(setting, pair, data_dir, execution.device)
+    outcome = run_units(todo, cache, execution)
+    if execution.shard is not None:
+        return {"shard": str(execution.shard), "trained": outcome.trained, "reused": outcome.reused,
+                "runs_dir": str(cache.folder)}
+    runs = ordered([r for u in todo for r in outcome.records[u.name]], setting)
     # per arm and seed, the learning rate with the best B-validation perplexity
     chosen = best_per_seed(runs, setting.arms, setting.seeds, lambda r: r["val"]["b_val_ppl"], higher_is_better=False)
     results = {
         "study": "apn",
         "mode": "quick" if setting == QUICK else "full" if setting == FULL else "custom",
-        "env": env_header(),
+        "env": env_header(execution.device),
+        "execution": {"jobs": execution.jobs, "bf16": use_bf16(setting.bf16, execution.device),
+                      "trained_on": cache.trained_on()},
         "data": {"train": domains["names"][0], "shift": domains["names"][1], "tokenizer": "bytes",
                  "sha256": domains["sha256"], "setting": asdict(setting)},
         "claims": apn_claims.claims(runs, chosen),
         "runs": runs,
+        "runs_reused": outcome.reused,  # units finished in an earlier invocation (interrupted, or a shard)
         "seconds": time.perf_counter() - started,
     }
     results["tradeoff"] = {"mean_ppl_by_arm_and_lr": apn_report.by_rate(results),
                            "apn_patches_vs_dense_global": apn_report.dominated(results, chosen)}
-    study_dir = Path(out) / "apn"
     write_outputs(study_dir, results, apn_report.report(results, setting, chosen))
     apn_report.plots(study_dir, results, setting, chosen)
     return results

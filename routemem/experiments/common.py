@@ -77,29 +77,52 @@ def write_outputs(study_dir: Path, results: dict, report: str) -> None:
 
 class RunCache:
     """Finished runs of a study, one JSON file per run under ``folder``, so that an interrupted
-    study resumes where it stopped instead of starting over (the full studies take hours on a CPU).
+    study resumes where it stopped instead of starting over (the full studies take hours on a CPU),
+    and the shards of a job array (``--shard``) add up to the whole study.
 
     A file is reused only if it was written for the same ``setting`` (any JSON-able description of
-    everything that sizes the run); otherwise the run is trained again and the file replaced."""
+    everything that sizes the run); otherwise the run is trained again and the file replaced. Each
+    file also keeps the machine header of where its run was trained (``env``): the device is not
+    part of the setting, so one study may gather runs from several machines."""
 
     def __init__(self, folder: Path, setting: dict):
         self.folder = Path(folder)
         self.setting = json.loads(json.dumps(setting, default=_jsonable))  # tuples -> lists
         self.reused = 0
+        self.envs: dict[str, dict] = {}  # name -> machine header of the run's trainer
 
-    def get_or_run(self, name: str, train: Callable[[], dict]) -> dict:
-        path = self.folder / f"{name}.json"
+    def get(self, name: str):
+        """The cached run called ``name`` if it was written for this setting, else None."""
         try:
-            cached = json.loads(path.read_text())
+            cached = json.loads((self.folder / f"{name}.json").read_text())
             if cached.get("setting") == self.setting:
                 self.reused += 1
+                self.envs[name] = cached.get("env") or {}
                 return cached["run"]
         except (OSError, ValueError, AttributeError, KeyError):
             pass  # missing or unreadable: train it
-        run = train()
+        return None
+
+    def put(self, name: str, run, env: dict | None = None):
+        """Store ``run``; returns it as a later ``get`` will (JSON types: lists, not tuples)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps({"setting": self.setting, "run": run}, default=_jsonable))
-        return run
+        text = json.dumps({"setting": self.setting, "env": env or {}, "run": run}, default=_jsonable)
+        write_text_atomic(self.folder / f"{name}.json", text)
+        self.envs[name] = env or {}
+        return json.loads(text)["run"]
+
+    def get_or_run(self, name: str, train: Callable[[], dict]) -> dict:
+        cached = self.get(name)
+        return cached if cached is not None else self.put(name, train())
+
+    def trained_on(self) -> list[dict]:
+        """The distinct machines (device, CPU, GPU, commit) that trained the runs seen, with counts."""
+        keys = ("device", "cpu", "gpu", "git_commit", "threads", "jobs")
+        machines: dict[tuple, dict] = {}
+        for env in self.envs.values():
+            row = {k: env.get(k) for k in keys}
+            machines.setdefault(tuple(row.values()), {**row, "runs": 0})["runs"] += 1
+        return list(machines.values())
 
 
 def _jsonable(value):
@@ -117,3 +140,32 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def use_bf16(wanted: bool, device: torch.device) -> bool:
+    """bf16 autocast where the study asks for it and the device has it: every CPU torch runs (the
+    setting the shipped numbers were measured with) and CUDA GPUs with bf16 (Ampere and later);
+    an older GPU trains in float32 rather than in slow emulation."""
+    if not wanted:
+        return False
+    return device.type != "cuda" or torch.cuda.is_bf16_supported()
+
+
+def verdict_lines(results: dict, report_path: Path) -> list[str]:
+    """What ``routemem reproduce`` prints at the end: one line per claim, then the report's path."""
+    width = max(len(c["verdict"]) for c in results["claims"]) if results["claims"] else 0
+    lines = [f"{c['verdict']:<{width}}  {c.get('statement') or c['description']}" for c in results["claims"]]
+    return lines + [f"report: {report_path}"]
+
+
+def where_trained(results: dict) -> str:
+    """The report's "on ..." phrase: this machine, its worker processes, or a sharded study's machines."""
+    env, execution = results["env"], results.get("execution", {})
+    text = f"{env.get('gpu') or env['cpu']} ({env['device']}, {env['threads']} threads)"
+    if execution.get("jobs", 1) > 1:
+        text += f", {execution['jobs']} worker processes"
+    machines = execution.get("trained_on", [])
+    if len(machines) > 1:
+        text += "; runs trained on " + "; ".join(
+            f"{m.get('gpu') or m.get('cpu')} ({m.get('device')}): {m['runs']} runs" for m in machines)
+    return text

@@ -5,6 +5,7 @@ continual protocols): the same AdamW groups, warmup + cosine schedule, clipping 
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import torch
@@ -19,18 +20,24 @@ BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def fit_steps(model: torch.nn.Module, batch_at: BatchFn, cfg: TrainConfig, *, bf16: bool = False,
-              device: torch.device = torch.device("cpu"), progress: str | None = None,
+              device: torch.device | None = None, progress: str | None = None,
               after_step: Callable[[int], None] | None = None) -> list[float]:
     """Train for ``cfg.max_steps`` steps on ``(inputs, targets) = batch_at(step)``; returns the loss
     of every step. ``model(inputs, targets)`` must return ``(logits, loss)``. Only parameters with
     ``requires_grad`` are optimised (freeze the rest to train a part of a model).
     ``after_step(step)`` runs after each optimizer step (e.g. to evaluate along the way). Raises
-    ``TrainingDiverged`` on a NaN/Inf loss (an unstable learning rate in a sweep, say)."""
+    ``TrainingDiverged`` on a NaN/Inf loss (an unstable learning rate in a sweep, say).
+    Batches are moved to ``device``, by default the one the model's parameters are on. ``progress`` names the
+    step bar (none when None, or when ``$ROUTEMEM_STEP_BARS`` is 0: a study's worker processes
+    set it, so that only their parent's bar is drawn)."""
+    if device is None:
+        device = next(model.parameters()).device
     optimizer = make_optimizer(model, cfg)
     model.train()
     losses = []
     steps = range(cfg.max_steps)
-    bar = tqdm(steps, desc=progress, leave=False, disable=progress is None, mininterval=2.0)
+    quiet = progress is None or os.environ.get("ROUTEMEM_STEP_BARS", "1") == "0"
+    bar = tqdm(steps, desc=progress, leave=False, disable=quiet, mininterval=2.0)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
