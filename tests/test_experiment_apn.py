@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from devices import HAS_CUDA, NO_CUDA
 
 from routemem.cli import main
 from routemem.experiments import apn, apn_claims, apn_report
@@ -239,7 +240,8 @@ def test_cli_rejects_bad_pair(argv, message, tmp_path, capsys):
     assert not (tmp_path / "apn").exists()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
 def test_tiny_study_trains_on_cuda(tmp_path):
     """On a GPU the models, batches and evaluation live there (mode="auto" picks the grouped APN
     form, not the CPU kernel), and bf16 autocast is used where the GPU has it."""

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from devices import HAS_CUDA, NO_CUDA
 from worker_probe import where_am_i
 
 from routemem.cli import main
@@ -149,7 +150,8 @@ def test_results_record_the_machine(tmp_path):
     assert results["execution"]["trained_on"] == [{**results["execution"]["trained_on"][0], "runs": 1}]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
 def test_a_study_trains_on_cuda(tmp_path):
     results = palimpsa.run(out=tmp_path, setting=replace(TINY, seeds=(0,)), device="cuda", jobs=2)
     assert results["env"]["device"] == "cuda" and results["env"]["gpu"]
