@@ -172,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a language model from a YAML config")
     p.add_argument("--config", help="YAML file or shipped config name (e.g. charlm-quick)")
     p.add_argument("--out", required=True, help="run directory (metrics.jsonl, ckpt/, final.json)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint, with its own config unless --config "
+                        "is given; overrides may change only schedule-neutral keys (logging, evals, stop_at, "
+                        "device, threads)")
     p.add_argument("--resume-from", metavar="CKPT", help="continue from another run's checkpoint, into --out")
     p.add_argument("--data-dir", help="folder holding file corpora (default $ROUTEMEM_DATA)")
     p.add_argument("--json", action="store_true",

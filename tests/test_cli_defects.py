@@ -30,6 +30,11 @@ def test_sample_rejects_out_of_range_numbers(stopped, capsys, flag, value):
     assert_user_error(cli(capsys, "sample", "--ckpt", stopped, flag, value), flag, value)
 
 
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--max-tokens", "0")])
+def test_eval_rejects_out_of_range_numbers(stopped, capsys, flag, value):
+    assert_user_error(cli(capsys, "eval", "--ckpt", stopped, flag, value), flag, value)
+
+
 # 2. --out naming a file (or a path under one)
 def test_out_that_is_a_file(tmp_path, capsys):
     existing = tmp_path / "notes.txt"
