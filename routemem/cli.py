@@ -121,7 +121,8 @@ def warn_unknown_chars(tokenizer, text: str, what: str) -> None:
     """One stderr line when a char tokenizer will read characters of ``text`` as "unknown" (id 0)."""
     unknown = tokenizer.unknown_chars(text)
     if unknown:
-        shown = " ".join(repr(c) for c in unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
+        more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+        shown = " ".join(repr(c) for c in unknown[:20]) + more
         print(f"routemem: warning: {what} has {len(unknown)} character(s) the checkpoint's char tokenizer "
               f"never saw, read as 'unknown': {shown}", file=sys.stderr)
 

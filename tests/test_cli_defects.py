@@ -159,7 +159,8 @@ def test_resume_and_resume_from_together(stopped, tmp_path, capsys):
 
 # 9. characters the char tokenizer never saw: one warning naming them
 def test_unknown_prompt_characters_are_named_once(stopped, capsys):
-    code, out, err = cli(capsys, "sample", "--ckpt", stopped, "--prompt", "d\u00e9j\u00e0 \u20ac\u20ac", "--tokens", "3")
+    prompt = "d\u00e9j\u00e0 \u20ac\u20ac"
+    code, out, err = cli(capsys, "sample", "--ckpt", stopped, "--prompt", prompt, "--tokens", "3")
     assert code == 0
     warnings = [line for line in err.splitlines() if line.startswith("routemem: warning:")]
     assert len(warnings) == 1, err

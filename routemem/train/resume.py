@@ -35,7 +35,7 @@ RESUME_SAFE_KEYS = frozenset({
 def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in data.items():
-        if isinstance(value, dict) and value and key not in ("mixer_kwargs", "ffn_kwargs"):
+        if isinstance(value, dict) and value:
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
@@ -43,11 +43,11 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def changed_keys(saved: dict, current: dict, sections: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
-    """(key, checkpoint value, config value) for every key of ``sections`` that differs."""
+    """(key, checkpoint value, config value) for every key of ``sections`` that differs. Keys the
+    checkpoint lacks are skipped: it was written before they existed, under their defaults."""
     old = _flatten({s: saved.get(s, {}) for s in sections})
     new = _flatten({s: current.get(s, {}) for s in sections})
-    return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key)]
+    return [(key, old[key], new.get(key)) for key in sorted(old) if old[key] != new.get(key)]
 
 
 def check_resume_config(saved: dict, current: dict, run_dir) -> None:
