@@ -121,6 +121,8 @@ class Trainer:
         # those steps trained on; saved in checkpoints, so a resumed run reports its total.
         self.wall_time_s, self.train_time_s, self.timed_tokens = 0.0, 0.0, 0
         self._fit_start, self._postfix = None, {}
+        # Taken now, so final.json names the code this run started with, even if the checkout moves on.
+        self.machine = machine_header(self.device) if self.dist.is_main else {}
         if checkpoint is not None:
             self._restore(checkpoint)
         self.ddp_model = self.model
@@ -303,7 +305,7 @@ class Trainer:
         progress.set_postfix(postfix)
 
     def _write_final(self, result: dict) -> None:
-        header = machine_header(self.device)
+        header = self.machine
         write_text_atomic(self.out_dir / "final.json", json.dumps(
             {**result, "corpus": self.corpus.name, "corpus_sha256": self.corpus.sha256,
              "num_params": self.model.num_params(),
