@@ -27,21 +27,42 @@ def resolve_config_path(name: str) -> Path:
     raise UserError(f"config file not found: {name}")
 
 
-def cmd_train(args) -> int:
-    from routemem.config import load_config
-    from routemem.train import RunConfig, Trainer
+def _saved_run_config(out: str) -> dict:
+    """The config of the run in ``out`` (from its checkpoint), as the base of ``--resume`` without
+    ``--config``. ``train.stop_at`` belongs to the invocation that stopped, so it is reset."""
+    from routemem.train import checkpoint as ckpt_io
 
+    own = Path(out) / ckpt_io.CKPT_DIRNAME
+    if not own.exists():
+        return {}  # the Trainer says that there is nothing to resume
+    data = ckpt_io.read_checkpoint(own)["config"]
+    data.get("train", {}).pop("stop_at", None)
+    return data
+
+
+def cmd_train(args) -> int:
+    from routemem.config import apply_overrides, from_dict, load_yaml
+    from routemem.train import RunConfig, Trainer
+    from routemem.train.summary import format_summary
+
+    if args.resume and args.resume_from:
+        raise UserError("--resume continues the run in --out, --resume-from starts a new run in --out "
+                        "from another run's checkpoint: pass only one of them")
     overrides = list(args.overrides)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
-    config = load_config(RunConfig, resolve_config_path(args.config) if args.config else None, overrides)
+    if args.config:
+        base = load_yaml(resolve_config_path(args.config))
+    else:
+        base = _saved_run_config(args.out) if args.resume else {}
+    config = from_dict(RunConfig, apply_overrides(base, overrides))
     trainer = Trainer(config, args.out, resume=args.resume_from or (True if args.resume else None))
     try:
         result = trainer.fit()
     finally:
         trainer.close()
     if trainer.dist.is_main:
-        print(json.dumps(result))
+        print(json.dumps(result) if args.json else format_summary(result, args.out, trainer.cfg.train.max_steps))
     return 0
 
 
@@ -51,10 +72,15 @@ def cmd_eval(args) -> int:
     from routemem.data import load_corpus, load_splits
     from routemem.train import evaluate, load_model
 
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     model, tokenizer, config = load_model(args.ckpt)
     data = config.get("data", {})
     corpus_name = args.corpus or data.get("corpus")
     corpus = load_corpus(corpus_name, args.data_dir or data.get("data_dir"))
+    warn_unknown_chars(tokenizer, corpus.text, f"corpus '{corpus_name}'")
     splits = load_splits(corpus, tokenizer, data.get("cache_dir"))
     seq_len = data.get("seq_len") or model.config.max_seq_len
     metrics = evaluate(model, splits[args.split], seq_len=seq_len, batch_size=args.batch_size,
@@ -70,19 +96,35 @@ def cmd_sample(args) -> int:
 
     from routemem.train import load_model
 
+    if args.tokens < 1:
+        raise UserError(f"--tokens must be >= 1, got {args.tokens}")
+    if not args.temperature > 0:  # 0 or less would divide by zero or flip the distribution
+        raise UserError(f"--temperature must be > 0, got {args.temperature} (a small value such as 0.01 is "
+                        "close to greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k must be >= 1, got {args.top_k} (leave it out to sample from every token)")
     model, tokenizer, _ = load_model(args.ckpt)
     ids = tokenizer.encode(args.prompt)
     if len(ids) == 0:
         raise UserError("--prompt is empty: give at least one character")
     if len(ids) > model.config.max_seq_len:
         raise UserError(f"--prompt is {len(ids)} tokens, longer than the model's max_seq_len={model.config.max_seq_len}")
-    if args.tokens < 0:
-        raise UserError(f"--tokens must be >= 0, got {args.tokens}")
+    warn_unknown_chars(tokenizer, args.prompt, "--prompt")
     generator = torch.Generator().manual_seed(args.seed)
     idx = torch.as_tensor(ids.astype("int64"))[None]
     out = model.generate(idx, args.tokens, temperature=args.temperature, top_k=args.top_k, generator=generator)
     print(tokenizer.decode(out[0].numpy()))
     return 0
+
+
+def warn_unknown_chars(tokenizer, text: str, what: str) -> None:
+    """One stderr line when a char tokenizer will read characters of ``text`` as "unknown" (id 0)."""
+    unknown = tokenizer.unknown_chars(text)
+    if unknown:
+        more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+        shown = " ".join(repr(c) for c in unknown[:20]) + more
+        print(f"routemem: warning: {what} has {len(unknown)} character(s) the checkpoint's char tokenizer "
+              f"never saw, read as 'unknown': {shown}", file=sys.stderr)
 
 
 def cmd_corpora(args) -> int:
@@ -150,10 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a language model from a YAML config")
     p.add_argument("--config", help="YAML file or shipped config name (e.g. charlm-quick)")
     p.add_argument("--out", required=True, help="run directory (metrics.jsonl, ckpt/, final.json)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint, with its own config unless --config "
+                        "is given; overrides may change only schedule-neutral keys (logging, evals, stop_at, "
+                        "device, threads)")
     p.add_argument("--resume-from", metavar="CKPT", help="continue from another run's checkpoint, into --out")
     p.add_argument("--data-dir", help="folder holding file corpora (default $ROUTEMEM_DATA)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON line instead of the summary (final.json has it too)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides; with --resume and no --config they apply to the run's own config")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a checkpoint on a corpus split; prints one JSON object")
@@ -168,9 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate text from a checkpoint")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--prompt", default="\n")
-    p.add_argument("--tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--tokens", type=int, default=200, help="how many tokens to generate (>= 1)")
+    p.add_argument("--temperature", type=float, default=0.8, help="> 0; lower is more conservative")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (>= 1)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
 

@@ -42,15 +42,29 @@ def tree_digest(path: Path) -> dict[str, str]:
 @pytest.fixture
 def trained(tmp_path_factory, capsys):
     out = tmp_path_factory.mktemp("run") / "r"
-    code, stdout, _ = cli(capsys, "train", "--out", out, *TINY, "data.corpus=pydocs")
+    code, stdout, _ = cli(capsys, "train", "--json", "--out", out, *TINY, "data.corpus=pydocs")
     assert code == 0
-    assert json.loads(stdout.strip().splitlines()[-1])["step"] == 3
+    assert json.loads(stdout)["step"] == 3
     return out
 
 
 def write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_train_ends_with_a_summary(tmp_path, capsys):
+    out = tmp_path / "r"
+    code, stdout, _ = cli(capsys, "train", "--out", out, *TINY, "data.corpus=pydocs")
+    assert code == 0
+    final = json.loads((out / "final.json").read_text())
+    assert f"trained 3 steps ({final['tokens']:,} tokens)" in stdout and "tokens/s" in stdout
+    for split in ("val", "test"):
+        assert f"{split:<4} loss {final[split]['loss']:.4f}  perplexity {final[split]['ppl']:.3f}" in stdout
+    assert f"run folder {out}:" in stdout and "loss.png" in stdout and "final.json" in stdout
+    assert len(stdout.splitlines()) <= 6
+    code, stdout, _ = cli(capsys, "train", "--out", tmp_path / "s", *TINY, "data.corpus=pydocs", "train.stop_at=2")
+    assert code == 0 and "stopped at step 2 of 3" in stdout and "--resume" in stdout
 
 
 def test_train_eval_sample_corpora(trained, capsys):
@@ -149,8 +163,8 @@ def test_exit_code_through_the_real_entry_point(tmp_path):
 
 def test_resume_from_another_run_into_a_new_directory(trained, tmp_path, capsys):
     more = [*TINY, "data.corpus=pydocs", "train.max_steps=5"]
-    code, out, _ = cli(capsys, "train", "--out", tmp_path / "next", "--resume-from", trained, *more)
-    assert code == 0 and json.loads(out.strip().splitlines()[-1])["step"] == 5
+    code, out, _ = cli(capsys, "train", "--json", "--out", tmp_path / "next", "--resume-from", trained, *more)
+    assert code == 0 and json.loads(out)["step"] == 5
     before = tree_digest(tmp_path / "next")
     assert_user_error(cli(capsys, "train", "--out", tmp_path / "next", "--resume-from", trained, *more),
                       "already holds a run")

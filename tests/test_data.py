@@ -62,6 +62,13 @@ def test_char_unknown_maps_to_zero():
     assert tok.decode(ids) == "ab\ufffdc\ufffd\ufffd"
 
 
+def test_unknown_chars_names_each_unseen_character_once():
+    tok = CharTokenizer.from_text("abc ")
+    assert tok.unknown_chars("a \u20ac b \u00e9\u20ac\U0001F600") == "\u00e9\u20ac\U0001F600"
+    assert tok.unknown_chars("cab ") == "" and tok.unknown_chars("") == ""
+    assert ByteTokenizer().unknown_chars("\u20ac") == ""  # bytes represent any text
+
+
 def test_decode_rejects_out_of_vocab():
     with pytest.raises(DataError, match="outside"):
         CharTokenizer.from_text("ab").decode([5])

@@ -77,14 +77,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         out = original(self, idx, targets)
         if targets is not None and self.training:
             calls["n"] += 1
-            if calls["n"] == 6:  # step 5 (0-based): after the step-4 checkpoint
+            if calls["n"] == 6:  # the 6th step (steps count from 1, as in metrics.jsonl): after the step-4 checkpoint
                 return out[0], out[1] * float("nan")
         return out
 
     monkeypatch.setattr(TransformerLM, "forward", poisoned)
     trainer = Trainer(config, tmp_path / "r")
     before = None
-    with pytest.raises(TrainingDiverged, match="nan at step 5"):
+    with pytest.raises(TrainingDiverged, match="nan at step 6;"):
         before = trainer.fit()
     assert before is None
     state = json.loads((tmp_path / "r/ckpt/state.json").read_text())
@@ -112,6 +112,41 @@ def test_final_metrics_and_checkpoint_contents(tmp_path):
     model, tokenizer, _ = load_model(tmp_path / "r")
     for name, tensor in trainer.model.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
+
+
+def test_final_json_loss_plot_and_timings(tmp_path):
+    from routemem.machine import git_commit
+
+    run(tiny_config(max_steps=10, eval_interval=5), tmp_path / "r")
+    final = json.loads((tmp_path / "r/final.json").read_text())
+    assert final["wall_time_s"] > 0 and final["tokens_per_s"] > 0
+    assert final["git_commit"] == git_commit() and final["machine"]["device"] == "cpu"
+    assert {"cpu", "torch", "threads"} <= set(final["machine"])
+    assert (tmp_path / "r/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # val records sit at the run's position in tokens, like train records (loss.png's x axis)
+    records = [json.loads(line) for line in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
+    tokens_per_step = TINY["train"]["batch_size"] * TINY["model"]["max_seq_len"]
+    evals = [r for r in records if r["kind"] in ("val", "test")]
+    assert [r["step"] for r in evals] == [5, 10, 10]
+    for r in records:
+        assert r["tokens"] == r["step"] * tokens_per_step, r
+    assert all(r["tokens_scored"] > 0 for r in evals)
+
+
+def test_wall_time_adds_up_over_a_resume(tmp_path):
+    run(tiny_config(max_steps=10, eval_interval=5, stop_at=5), tmp_path / "r")
+    first = json.loads((tmp_path / "r/ckpt/state.json").read_text())["wall_time_s"]
+    trainer = Trainer(tiny_config(max_steps=10, eval_interval=5), tmp_path / "r", resume=True)
+    result = trainer.fit()
+    trainer.close()
+    assert first > 0 and result["wall_time_s"] > first
+
+
+def test_progress_bar_shows_the_latest_val_loss(tmp_path, capsys):
+    run(tiny_config(max_steps=4, eval_interval=2, log_interval=1, progress=True), tmp_path / "r")
+    val = [json.loads(line)["loss"] for line in (tmp_path / "r/metrics.jsonl").read_text().splitlines()
+           if json.loads(line)["kind"] == "val"][0]  # the step-2 eval, the last one the bar shows
+    assert f"val={val:.3f}" in capsys.readouterr().err
 
 
 def test_corrupt_checkpoint_is_reported_by_name(tmp_path):
@@ -164,13 +199,14 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["charlm-quick", "charlm-small"])
-def test_shipped_configs_load_and_build(name):
+@pytest.mark.parametrize("name, corpus", [("charlm-quick", "shakespeare"), ("charlm-small", "shakespeare"),
+                                          ("charlm-tiny", "pydocs")])
+def test_shipped_configs_load_and_build(name, corpus):
     from routemem.cli import resolve_config_path
     from routemem.config import load_config
 
     config = load_config(RunConfig, resolve_config_path(name))
-    assert config.data.corpus == "shakespeare"
+    assert config.data.corpus == corpus
     model = TransformerLM(config.model)
     assert model.num_params() > 100_000
 

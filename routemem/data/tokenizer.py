@@ -45,6 +45,10 @@ class ByteTokenizer:
         # A model may emit a cut-off multi-byte sequence; show it as U+FFFD, don't fail.
         return arr.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
+    def unknown_chars(self, text: str) -> str:
+        """Characters this tokenizer cannot represent: none (every text is UTF-8 bytes)."""
+        return ""
+
     def to_dict(self) -> dict:
         return {"kind": self.kind}
 
@@ -85,6 +89,13 @@ class CharTokenizer:
         # clipped onto its last slot, which is always 0 (unknown).
         points = _codepoints(text)
         return self._ids[np.minimum(points, len(self._ids) - 1)]
+
+    def unknown_chars(self, text: str) -> str:
+        """The distinct characters of ``text`` (sorted) that ``encode`` maps to ``UNKNOWN``; callers
+        warn about them, since the model then sees a placeholder instead of what was written."""
+        points = np.unique(_codepoints(text))
+        unknown = points[self._ids[np.minimum(points, len(self._ids) - 1)] == self.UNKNOWN]
+        return unknown.astype("<u4").tobytes().decode("utf-32-le", "surrogatepass")
 
     def decode(self, ids) -> str:
         arr = _ids_array(ids, self.vocab_size, self.kind)

@@ -12,6 +12,7 @@ from typing import Callable
 from torch import nn
 
 from routemem.errors import ConfigError
+from routemem.layers.options import check_options
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ def register_ffn(name: str) -> Callable:
 def _build(table: dict, kind: str, name: str, spec: LayerSpec, kwargs: dict) -> nn.Module:
     if name not in table:
         raise ConfigError(f"unknown {kind} '{name}' (registered: {', '.join(sorted(table))})")
+    check_options(f"{kind} '{name}'", table[name], kwargs)
     try:
         return table[name](spec, **kwargs)
     except TypeError as err:

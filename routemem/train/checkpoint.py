@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from routemem.errors import CheckpointError
+from routemem.fileio import make_public
 
 CKPT_DIRNAME = "ckpt"
 FORMAT_VERSION = 1
@@ -35,7 +36,10 @@ def resolve_ckpt_dir(path: str | Path) -> Path:
         return path
     if (path / CKPT_DIRNAME / "manifest.json").is_file():
         return path / CKPT_DIRNAME
-    raise CheckpointError(f"no checkpoint found at {path} (expected {path / CKPT_DIRNAME}/manifest.json)")
+    # Name the one file we looked for last: PATH/ckpt/manifest.json, or PATH/manifest.json when
+    # PATH already is a ckpt/ folder (never PATH/ckpt/ckpt/...).
+    expected = path / "manifest.json" if path.name == CKPT_DIRNAME else path / CKPT_DIRNAME / "manifest.json"
+    raise CheckpointError(f"no checkpoint found at {path} ({expected} does not exist)")
 
 
 def _sha256(path: Path) -> str:
@@ -95,6 +99,7 @@ def save_checkpoint(run_dir: str | Path, *, model, optimizer, config: dict, toke
     final = run_dir / CKPT_DIRNAME
     tmp = Path(tempfile.mkdtemp(prefix=".ckpt-tmp-", dir=run_dir))
     try:
+        make_public(tmp, folder=True)  # mkdtemp makes it 0700; the run's other folders are 0755
         save_file(_model_tensors(model), str(tmp / "model.safetensors"))
         opt_tensors, opt_meta = _optimizer_tensors(optimizer)
         opt_tensors["rng.torch"] = torch.get_rng_state()
@@ -107,6 +112,8 @@ def save_checkpoint(run_dir: str | Path, *, model, optimizer, config: dict, toke
         _write_json(tmp / "tokenizer.json", tokenizer)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         _write_json(tmp / "manifest.json", {"format": FORMAT_VERSION, "step": step, "files": files})
+        for file in tmp.iterdir():  # safetensors writes its files 0600; give them the usual mode
+            make_public(file)
         old = run_dir / ".ckpt-old"
         if old.exists():
             shutil.rmtree(old)

@@ -28,13 +28,25 @@ class MetricsLogger:
         if enabled and tensorboard:
             self.tb = require_tensorboard()(str(Path(run_dir) / "tb"))
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop records a crashed run wrote after its last checkpoint."""
+    def truncate_after(self, step: int, keep_evals_at_step: bool = True) -> None:
+        """On resume, drop records a crashed run wrote after its last checkpoint (and, unless
+        ``keep_evals_at_step``, the val/test records at ``step`` itself, which are about to be redone)."""
         if not (self.enabled and self.path.exists()):
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+
+        def kept(record: dict) -> bool:
+            at = record.get("step", 0)
+            if at == step and not keep_evals_at_step:
+                return record.get("kind") == "train"
+            return at <= step
+
+        lines = [line for line in self.path.read_text().splitlines() if line.strip() and kept(json.loads(line))]
+        write_text_atomic(self.path, "".join(line + "\n" for line in lines))
+
+    def restart(self) -> None:
+        """A new run in this folder: forget the records of an earlier attempt that never checkpointed."""
+        if self.enabled and self.path.exists():
+            write_text_atomic(self.path, "")
 
     def log(self, record: dict) -> None:
         if not self.enabled:

@@ -4,7 +4,11 @@ One ``Trainer`` is one run directory:
     OUT/config.yaml      the resolved run config
     OUT/metrics.jsonl    one JSON object per log / eval record
     OUT/ckpt/            the latest checkpoint (see checkpoint.py)
-    OUT/final.json       val and test metrics at the end
+    OUT/final.json       val and test metrics at the end, wall time, tokens/s, machine and commit
+    OUT/loss.png         train and val loss against tokens seen (written at the end)
+A folder holds a run once it has a checkpoint: a fresh start refuses it (``--resume`` continues
+it), while a folder whose run stopped before its first checkpoint (a diverged or killed start) is
+simply started over.
 Batches are a pure function of (seed, step), so resuming at step s sees exactly the windows a
 straight run would: with the optimizer and RNG state restored, 30 + resume + 30 steps equal 60.
 """
@@ -27,6 +31,7 @@ from routemem.config import from_dict, to_dict
 from routemem.data import WindowSampler, build_tokenizer, load_corpus, load_splits, tokenizer_from_dict
 from routemem.errors import CheckpointError, DataError, TrainingDiverged, UserError
 from routemem.fileio import write_text_atomic
+from routemem.machine import machine_header
 from routemem.models import LMConfig, TransformerLM
 from routemem.train import checkpoint as ckpt_io
 from routemem.train import distributed as dist_utils
@@ -34,6 +39,8 @@ from routemem.train.config import RunConfig
 from routemem.train.evaluate import autocast_context, evaluate
 from routemem.train.logger import MetricsLogger, require_tensorboard
 from routemem.train.optim import lr_at, make_optimizer
+from routemem.train.plot import plot_loss
+from routemem.train.resume import check_resume_config, check_same_corpus
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -43,6 +50,16 @@ def bf16_supported(device: torch.device) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """``--out`` must be a folder or a path where one can be made (not a file, nor under one)."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "is an existing file" if path == out_dir else f"is under {path}, which is a file"
+                raise UserError(f"--out {out_dir} {what}, not a folder; choose another --out")
+            return
 
 
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
@@ -61,6 +78,7 @@ class Trainer:
     def __init__(self, config: RunConfig, out_dir: str | Path, resume: str | Path | None = None):
         self.cfg = config
         self.out_dir = Path(out_dir)
+        check_out_dir(self.out_dir)
         tcfg = config.train
         if tcfg.threads:
             torch.set_num_threads(tcfg.threads)
@@ -73,7 +91,11 @@ class Trainer:
                             f"world_size * grad_accum = {per_step}")
 
         checkpoint = self._find_checkpoint(resume)
+        if resume is True:  # the same run, continued: only schedule-neutral keys may change
+            check_resume_config(checkpoint["config"], to_dict(config), self.out_dir)
         self.corpus = load_corpus(config.data.corpus, config.data.data_dir)
+        if resume is True:
+            check_same_corpus(checkpoint["state"].get("corpus_sha256"), self.corpus, self.out_dir)
         if checkpoint is not None:
             self.tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
         else:
@@ -94,6 +116,13 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, tcfg)
         self.step, self.tokens_seen = 0, 0
         self.lr, self.grad_norm = tcfg.lr, None  # of the last step, for logging
+        self.last_val_loss = None  # shown in the progress bar
+        # Seconds of the whole run (evals included) and of its optimizer steps alone, and the tokens
+        # those steps trained on; saved in checkpoints, so a resumed run reports its total.
+        self.wall_time_s, self.train_time_s, self.timed_tokens = 0.0, 0.0, 0
+        self._fit_start, self._postfix = None, {}
+        # Taken now, so final.json names the code this run started with, even if the checkout moves on.
+        self.machine = machine_header(self.device) if self.dist.is_main else {}
         if checkpoint is not None:
             self._restore(checkpoint)
         self.ddp_model = self.model
@@ -106,8 +135,11 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.out_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         self.logger = MetricsLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=tcfg.tensorboard)
-        if checkpoint is not None:
-            self.logger.truncate_after(self.step)
+        if resume is True:
+            # A finished run's final val/test records are written again when it is resumed.
+            self.logger.truncate_after(self.step, keep_evals_at_step=self.step < tcfg.max_steps)
+        else:  # a new run in this folder: records of an attempt that never checkpointed go
+            self.logger.restart()
 
     # -- set-up helpers -------------------------------------------------------------------------
     def _find_checkpoint(self, resume) -> dict | None:
@@ -115,8 +147,12 @@ class Trainer:
         checkpoint to continue from into out_dir. A fresh start never overwrites a run."""
         own = self.out_dir / ckpt_io.CKPT_DIRNAME
         if resume is True:
+            if not own.exists():
+                raise CheckpointError(
+                    f"no checkpoint found to resume in {self.out_dir} ({own / 'manifest.json'} does not "
+                    "exist); start it afresh without --resume")
             return ckpt_io.read_checkpoint(own)
-        if own.exists() or (self.out_dir / "metrics.jsonl").exists():
+        if own.exists() or (self.out_dir / "final.json").exists():
             hint = "pass --resume to continue it" if resume is None else "--resume-from needs a new --out"
             raise UserError(f"{self.out_dir} already holds a run; {hint} or choose another --out")
         return None if resume is None else ckpt_io.read_checkpoint(resume)
@@ -130,13 +166,17 @@ class Trainer:
         ckpt_io.load_training_state(self.optimizer, checkpoint)
         self.step = int(checkpoint["state"]["step"])
         self.tokens_seen = int(checkpoint["state"]["tokens_seen"])
+        self.wall_time_s = float(checkpoint["state"].get("wall_time_s", 0.0))
+        self.train_time_s = float(checkpoint["state"].get("train_time_s", 0.0))
+        self.timed_tokens = int(checkpoint["state"].get("timed_tokens", 0))
 
     def save(self) -> None:
         if self.dist.is_main:
             ckpt_io.save_checkpoint(
                 self.out_dir, model=self.model, optimizer=self.optimizer, config=to_dict(self.cfg),
                 tokenizer=self.tokenizer.to_dict(), step=self.step, tokens_seen=self.tokens_seen,
-                extra={"corpus_sha256": self.corpus.sha256},
+                extra={"corpus_sha256": self.corpus.sha256, "wall_time_s": self._wall_time(),
+                       "train_time_s": self.train_time_s, "timed_tokens": self.timed_tokens},
             )
         if self.dist.enabled:
             torch.distributed.barrier()
@@ -163,11 +203,11 @@ class Trainer:
         mean_loss = dist_utils.all_reduce_mean(loss_sum / tcfg.grad_accum, self.dist).item()
         if not math.isfinite(mean_loss):
             self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDiverged(
-                f"loss is {mean_loss} at step {self.step}; stopped. The last good checkpoint is kept in "
-                f"{self.out_dir / ckpt_io.CKPT_DIRNAME}"
-                + ("" if (self.out_dir / ckpt_io.CKPT_DIRNAME).exists() else " (none written yet)")
-            )
+            # Steps count from 1 as in metrics.jsonl: this was step self.step + 1 (self.step are done).
+            ckpt_dir = self.out_dir / ckpt_io.CKPT_DIRNAME
+            kept = (f"the last good checkpoint is kept in {ckpt_dir}" if ckpt_dir.exists() else
+                    "no checkpoint was written yet, so the same command starts it afresh")
+            raise TrainingDiverged(f"loss is {mean_loss} at step {self.step + 1}; stopped: {kept}")
         if tcfg.grad_clip > 0:
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
         else:
@@ -187,12 +227,22 @@ class Trainer:
 
     def _log_eval(self, split: str, max_tokens: int | None) -> dict:
         metrics = self.evaluate(split, max_tokens)
-        self.logger.log({"kind": split, "step": self.step, "tokens": self.tokens_seen, **metrics})
+        # "tokens" is the run's position (tokens trained on), as in train records; the split's
+        # scored tokens go under their own name instead of overwriting it.
+        self.logger.log({"kind": split, "step": self.step, **metrics, "tokens": self.tokens_seen,
+                         "tokens_scored": metrics["tokens"]})
         return metrics
 
+    def _wall_time(self) -> float:
+        return self.wall_time_s + (time.perf_counter() - self._fit_start if self._fit_start else 0.0)
+
     def fit(self) -> dict:
-        """Train to ``max_steps`` (or ``stop_at``), evaluating and checkpointing on the way."""
+        """Train to ``max_steps`` (or ``stop_at``), evaluating and checkpointing on the way.
+
+        Returns step, tokens, wall_time_s, tokens_per_s and, once ``max_steps`` is reached, the
+        val and test metrics (also in final.json, with the machine header; loss.png beside it)."""
         tcfg = self.cfg.train
+        self._fit_start = time.perf_counter()
         end = min(tcfg.max_steps, tcfg.stop_at) if tcfg.stop_at else tcfg.max_steps
         progress = None
         if tcfg.progress and self.dist.is_main:
@@ -203,7 +253,10 @@ class Trainer:
         window_start, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
         try:
             while self.step < end:
+                step_start = time.perf_counter()
                 loss = self.train_step()
+                self.train_time_s += time.perf_counter() - step_start
+                self.timed_tokens += tcfg.batch_size * self.cfg.seq_len
                 window_tokens += tcfg.batch_size * self.cfg.seq_len
                 window_loss += loss
                 window_steps += 1
@@ -219,10 +272,14 @@ class Trainer:
                     record.update(self.model.layer_metrics())
                     self.logger.log(record)
                     if progress is not None:
-                        progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                        self._show_progress(progress, record)
                     window_start, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
-                if self.step % tcfg.eval_interval == 0 or self.step == end:
-                    self._log_eval("val", tcfg.eval_tokens or None)
+                if self.step == tcfg.max_steps:
+                    self.save()  # the full val and test evals below are this step's only evals
+                elif self.step % tcfg.eval_interval == 0 or self.step == end:
+                    self.last_val_loss = self._log_eval("val", tcfg.eval_tokens or None)["loss"]
+                    if progress is not None:
+                        self._show_progress(progress, None)
                     self.save()
         finally:
             if progress is not None:
@@ -231,12 +288,33 @@ class Trainer:
         if self.step >= tcfg.max_steps:
             result["val"] = self._log_eval("val", None)
             result["test"] = self._log_eval("test", None)
-            if self.dist.is_main:
-                write_text_atomic(self.out_dir / "final.json", json.dumps(
-                    {**result, "corpus": self.corpus.name, "corpus_sha256": self.corpus.sha256,
-                     "num_params": self.model.num_params(),
-                     "num_params_non_embedding": self.model.num_params(include_embeddings=False)}, indent=2))
+        result["wall_time_s"] = self._wall_time()
+        result["tokens_per_s"] = self.timed_tokens / self.train_time_s if self.train_time_s else 0.0
+        if self.step >= tcfg.max_steps and self.dist.is_main:
+            self._write_final(result)
+        self.wall_time_s, self._fit_start = self._wall_time(), None
         return result
+
+    def _show_progress(self, progress, record: dict | None) -> None:
+        """Train loss and tokens/s of the last log window, with the latest val loss beside them."""
+        if record is not None:
+            self._postfix = {"loss": f"{record['loss']:.3f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+        postfix = dict(self._postfix)
+        if self.last_val_loss is not None:
+            postfix["val"] = f"{self.last_val_loss:.3f}"
+        progress.set_postfix(postfix)
+
+    def _write_final(self, result: dict) -> None:
+        header = self.machine
+        write_text_atomic(self.out_dir / "final.json", json.dumps(
+            {**result, "corpus": self.corpus.name, "corpus_sha256": self.corpus.sha256,
+             "num_params": self.model.num_params(),
+             "num_params_non_embedding": self.model.num_params(include_embeddings=False),
+             "git_commit": header["git_commit"], "machine": header}, indent=2))
+        records = [json.loads(line) for line in (self.out_dir / "metrics.jsonl").read_text().splitlines()
+                   if line.strip()]
+        plot_loss(records, self.out_dir / "loss.png",
+                  title=f"{self.corpus.name}: {self.model.num_params():,} parameters")
 
     def close(self) -> None:
         self.logger.close()
