@@ -50,11 +50,13 @@ def cpu_model() -> str:
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
     """The commit of the routemem source tree in use, with ``+dirty`` when it has uncommitted changes;
-    ``$ROUTEMEM_GIT_COMMIT`` where the tree was copied without .git (a GPU machine's copy, say);
-    None for an installed wheel (no git checkout around the package)."""
+    None for an installed wheel (no git checkout around the package). ``$ROUTEMEM_GIT_COMMIT``, when
+    set, wins: a tree copied to another machine may carry a stale .git, or none."""
+    if os.environ.get("ROUTEMEM_GIT_COMMIT"):
+        return os.environ["ROUTEMEM_GIT_COMMIT"]
     root = Path(routemem.__file__).resolve().parent.parent
     if not (root / ".git").exists():
-        return os.environ.get("ROUTEMEM_GIT_COMMIT") or None
+        return None
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=10, check=True).stdout.strip()

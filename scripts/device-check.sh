@@ -10,7 +10,7 @@
 # PYTEST_TIMEOUT, BENCH_TIMEOUT); a step that fails or runs out of time is recorded and the next one
 # runs. BENCH_FLAGS (e.g. "--quick") is passed to every bench. Writes OUT_DIR/device-check.json
 # (scripts/device_check_summary.py) and exits non-zero when a test failed or a step failed.
-# ROUTEMEM_GIT_COMMIT names the commit where the tree has no .git (a copied checkout).
+# ROUTEMEM_GIT_COMMIT names the commit of a copied checkout (its .git may be missing or stale).
 set -u
 
 OUT_DIR="${1:-${DEVICE_CHECK_DIR:-device-check}}"

@@ -35,6 +35,15 @@ def test_header_names_where_a_result_was_measured():
     assert set(header) >= {"git_commit", "threads", "python"}
 
 
+def test_git_commit_from_the_environment_wins_over_a_stale_checkout(monkeypatch):
+    machine.git_commit.cache_clear()
+    try:
+        monkeypatch.setenv("ROUTEMEM_GIT_COMMIT", "0123abc")
+        assert machine.git_commit() == "0123abc"  # this test runs inside a git checkout
+    finally:
+        machine.git_commit.cache_clear()
+
+
 def test_git_commit_of_a_copied_tree_comes_from_the_environment(monkeypatch, tmp_path):
     fake_pkg = tmp_path / "routemem" / "__init__.py"  # a tree with no .git beside the package
     fake_pkg.parent.mkdir()
