@@ -186,12 +186,8 @@ def test_list_corpora(monkeypatch, tmp_path):
 
 
 def _shared_data_dir():
-    """$ROUTEMEM_DATA if set, else the development checkout's ../shared/data."""
-    env = os.environ.get("ROUTEMEM_DATA")
-    if env:
-        return env
-    guess = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return str(guess) if guess.is_dir() else None
+    """$ROUTEMEM_DATA: the folder with the file corpora (CI sets it; the project ships no data)."""
+    return os.environ.get("ROUTEMEM_DATA") or None
 
 
 def test_shakespeare_loads():

@@ -1,5 +1,5 @@
 """What every study shares: the environment header, mean/std summaries, the verdict rule for a
-directional claim, writing results.json / report.md atomically (DESIGN.md's results format), and
+directional claim, writing results.json / report.md atomically (the results format in docs/architecture.md), and
 the per-run cache that lets a long study resume after an interruption."""
 
 from __future__ import annotations
