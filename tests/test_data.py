@@ -1,7 +1,6 @@
 """Tests of routemem.data: tokenizers, corpora, splits and cache, samplers."""
 
 import os
-import pathlib
 
 import numpy as np
 import pytest
