@@ -7,10 +7,10 @@ import os
 import stat
 
 import pytest
+from poison import nan_loss_at_step
+from test_cli import TINY, assert_user_error, cli, tree_digest
 
 from routemem.cli import main
-from routemem.models import TransformerLM
-from test_cli import TINY, assert_user_error, cli, tree_digest
 
 CHAR = [*TINY, "data.corpus=pydocs", "data.tokenizer=char"]
 
@@ -46,24 +46,13 @@ def test_out_that_is_a_file(tmp_path, capsys):
 
 # 3. a run that diverges before its first checkpoint is not a dead end, and names the right step
 def test_divergence_before_the_first_checkpoint_can_be_rerun(tmp_path, capsys, monkeypatch):
-    original = TransformerLM.forward
-    calls = {"n": 0}
-
-    def poisoned(self, idx, targets=None):
-        out = original(self, idx, targets)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] == 2:  # the 2nd optimizer step, before the step-2 checkpoint
-                return out[0], out[1] * float("nan")
-        return out
-
-    monkeypatch.setattr(TransformerLM, "forward", poisoned)
+    nan_loss_at_step(monkeypatch, 2)  # the 2nd optimizer step, before the step-2 checkpoint
     out = tmp_path / "r"
     code, _, err = cli(capsys, "train", "--out", out, *CHAR)
     assert code == 1 and "loss is nan at step 2;" in err and "Traceback" not in err
     assert not (out / "ckpt").exists()
     assert_user_error(cli(capsys, "train", "--out", out, "--resume", *CHAR), "no checkpoint", "without --resume")
-    monkeypatch.setattr(TransformerLM, "forward", original)
+    monkeypatch.undo()
     code, _, err = cli(capsys, "train", "--json", "--out", out, *CHAR)  # the same command again
     assert code == 0, err
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from poison import nan_loss_at_step
 
 from routemem.config import from_dict
 from routemem.errors import CheckpointError, TrainingDiverged
@@ -70,18 +71,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     config = tiny_config(eval_interval=4, max_steps=20)
-    original = TransformerLM.forward
-    calls = {"n": 0}
-
-    def poisoned(self, idx, targets=None):
-        out = original(self, idx, targets)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] == 6:  # the 6th step (steps count from 1, as in metrics.jsonl): after the step-4 checkpoint
-                return out[0], out[1] * float("nan")
-        return out
-
-    monkeypatch.setattr(TransformerLM, "forward", poisoned)
+    nan_loss_at_step(monkeypatch, 6)  # after the step-4 checkpoint
     trainer = Trainer(config, tmp_path / "r")
     before = None
     with pytest.raises(TrainingDiverged, match="nan at step 6;"):
