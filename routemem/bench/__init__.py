@@ -23,9 +23,9 @@ SUITES: dict[str, str] = {
 def run_suite(name: str, quick: bool = False, out: str | None = None, device: str = "auto") -> dict:
     """Run suite ``name`` on ``device`` (auto | cpu | cuda, or a torch.device); the result dict,
     also written atomically to ``out`` when given."""
-    from routemem.bench.common import machine_header, write_json
+    from routemem.bench.common import write_json
     from routemem.errors import UserError
-    from routemem.machine import resolve_device
+    from routemem.machine import machine_header, resolve_device
 
     if name not in SUITES:
         raise UserError(f"unknown benchmark suite '{name}' (available: {', '.join(sorted(SUITES))})")

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from routemem.fileio import write_text_atomic
-from routemem.machine import machine_header  # noqa: F401  (re-exported: every suite's header)
 
 FWD, FWD_BWD = "fwd", "fwd+bwd"  # a row's "direction"
 SAVED_FOR_BACKWARD = "saved_for_backward"  # memory_measure on a CPU (what peak training memory grows with)

@@ -41,13 +41,13 @@ from routemem.experiments import apn_claims, apn_report
 from routemem.experiments.common import (
     RunCache,
     best_per_seed,
-    env_header,
     use_bf16,
     write_outputs,
 )
 from routemem.experiments.runner import Execution, Unit, run_units
 from routemem.layers import AttractorPatchFFN, LayerSpec
 from routemem.layers.lora import LoRALinear, add_lora
+from routemem.machine import machine_header
 from routemem.models import LMConfig, TransformerLM
 from routemem.train.config import TrainConfig
 from routemem.train.evaluate import evaluate
@@ -327,15 +327,14 @@ def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Se
     todo = units(setting, pair, data_dir, execution.device)
     outcome = run_units(todo, cache, execution)
     if execution.shard is not None:
-        return {"shard": str(execution.shard), "trained": outcome.trained, "reused": outcome.reused,
-                "runs_dir": str(cache.folder)}
+        return outcome.shard_summary(execution.shard, cache)
     runs = ordered([r for u in todo for r in outcome.records[u.name]], setting)
     # per arm and seed, the learning rate with the best B-validation perplexity
     chosen = best_per_seed(runs, setting.arms, setting.seeds, lambda r: r["val"]["b_val_ppl"], higher_is_better=False)
     results = {
         "study": "apn",
         "mode": "quick" if setting == QUICK else "full" if setting == FULL else "custom",
-        "env": env_header(execution.device),
+        "env": machine_header(execution.device),
         "execution": {"jobs": execution.jobs, "bf16": use_bf16(setting.bf16, execution.device),
                       "trained_on": cache.trained_on()},
         "data": {"train": domains["names"][0], "shift": domains["names"][1], "tokenizer": "bytes",

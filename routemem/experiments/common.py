@@ -1,4 +1,4 @@
-"""What every study shares: the environment header, mean/std summaries, the verdict rule for a
+"""What every study shares: mean/std summaries, the verdict rule for a
 directional claim, writing results.json / report.md atomically (the results format in docs/architecture.md), and
 the per-run cache that lets a long study resume after an interruption."""
 
@@ -13,13 +13,8 @@ from typing import Callable
 import torch
 
 from routemem.fileio import write_text_atomic
-from routemem.machine import machine_header
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
-
-
-def env_header(device: torch.device | str = "cpu") -> dict:
-    return machine_header(device)
 
 
 def summarize(values: list[float]) -> dict:

@@ -32,11 +32,11 @@ from routemem.experiments.common import (
     best_per_seed,
     combine_verdicts,
     directional_verdict,
-    env_header,
     summarize,
     write_outputs,
 )
 from routemem.experiments.runner import Execution, Unit, run_units
+from routemem.machine import machine_header
 from routemem.models import LMConfig, TransformerLM
 from routemem.train.config import TrainConfig
 from routemem.train.supervised import fit_steps
@@ -234,14 +234,13 @@ def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Se
     todo = units(setting, execution.device)
     outcome = run_units(todo, cache, execution)
     if execution.shard is not None:
-        return {"shard": str(execution.shard), "trained": outcome.trained, "reused": outcome.reused,
-                "runs_dir": str(cache.folder)}
+        return outcome.shard_summary(execution.shard, cache)
     runs = [outcome.records[u.name] for u in todo]
     chosen = best_per_seed(runs, setting.mixers, setting.seeds, lambda r: r["val"]["grid_mean"])  # best LR
     results = {
         "study": "palimpsa",
         "mode": "quick" if quick else "full",
-        "env": env_header(execution.device),
+        "env": machine_header(execution.device),
         "execution": {"jobs": execution.jobs, "trained_on": cache.trained_on()},
         "data": {"train": "mqar (synthetic)", "setting": asdict(setting)},
         "claims": claims(setting, chosen, palimpsa_checks.special_case_claim()),

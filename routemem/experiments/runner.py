@@ -98,6 +98,11 @@ class Outcome:
     trained: int
     reused: int
 
+    def shard_summary(self, shard: Shard, cache: RunCache) -> dict:
+        """What a ``--shard`` invocation returns instead of results: no report is written."""
+        return {"shard": str(shard), "trained": self.trained, "reused": self.reused,
+                "runs_dir": str(cache.folder)}
+
 
 def share_of(units: list[Unit], shard: Shard | None) -> list[Unit]:
     """The units one shard is responsible for: every N-th of the full ordered list, whether cached

@@ -40,8 +40,13 @@ class MetricsLogger:
                 return record.get("kind") == "train"
             return at <= step
 
-        lines = [line for line in self.path.read_text().splitlines() if line.strip() and kept(json.loads(line))]
-        write_text_atomic(self.path, "".join(line + "\n" for line in lines))
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records() if kept(r)))
+
+    def records(self) -> list[dict]:
+        """Every record written so far (none when this process does not log)."""
+        if not (self.enabled and self.path.exists()):
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def restart(self) -> None:
         """A new run in this folder: forget the records of an earlier attempt that never checkpointed."""

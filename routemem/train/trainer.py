@@ -311,9 +311,7 @@ class Trainer:
              "num_params": self.model.num_params(),
              "num_params_non_embedding": self.model.num_params(include_embeddings=False),
              "git_commit": header["git_commit"], "machine": header}, indent=2))
-        records = [json.loads(line) for line in (self.out_dir / "metrics.jsonl").read_text().splitlines()
-                   if line.strip()]
-        plot_loss(records, self.out_dir / "loss.png",
+        plot_loss(self.logger.records(), self.out_dir / "loss.png",
                   title=f"{self.corpus.name}: {self.model.num_params():,} parameters")
 
     def close(self) -> None:
