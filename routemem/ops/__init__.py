@@ -2,8 +2,10 @@
 a fast form (``"chunk"``, ``"grouped"``) that tests hold equal to it, outputs and gradients. [B, T, H, D] layout."""
 
 from routemem.ops.apn import patch_mixture, route
+from routemem.ops.block_pool import block_broadcast, block_causal_attention, causal_block_pool
 from routemem.ops.delta_rule import gated_delta_rule
 from routemem.ops.gla import gated_linear_attention
 from routemem.ops.metaplastic import metaplastic_attention
 
-__all__ = ["patch_mixture", "route", "gated_delta_rule", "gated_linear_attention", "metaplastic_attention"]
+__all__ = ["patch_mixture", "route", "causal_block_pool", "block_broadcast", "block_causal_attention",
+           "gated_delta_rule", "gated_linear_attention", "metaplastic_attention"]
