@@ -16,8 +16,10 @@ def _lazy(module: str) -> Callable:
     return run
 
 
-STUDIES: dict[str, Callable] = {"apn": _lazy("apn"), "palimpsa": _lazy("palimpsa")}
+STUDIES: dict[str, Callable] = {"apn": _lazy("apn"), "palimpsa": _lazy("palimpsa"), "fast-slow": _lazy("fast_slow")}
 ABOUT: dict[str, str] = {
     "apn": "Attractor Patch Networks: near-dense perplexity, less forgetting when adapted to a new domain",
+    "fast-slow": "Fast-slow coupled attention: neutral at 500k tokens, cost near dense, a positive control, "
+                 "the theorem numerically",
     "palimpsa": "Palimpsa (metaplastic attention) against GLA, Mamba2 and others on associative recall (MQAR)",
 }

@@ -1,0 +1,286 @@
+"""Fast-slow coupled attention: ``routemem reproduce fast-slow [--quick]`` (papers/fast_slow.md).
+
+Byte-level language models on tiny Shakespeare (pydocs when ``$ROUTEMEM_DATA`` lacks it) that
+differ only in the mixer, trained at equal token budgets and seeds (same initial embeddings and
+batches per seed):
+
+    dense      causal attention alone
+    coupled    fast_slow: attention + block-pooled slow attention behind a zero-init gate
+    frozen     fast_slow with the slow path and phi frozen at init (only the gate trains)
+
+Budgets: the paper's 500k training tokens and 10x that. Positive control (ours): the same three
+arms with the fast path limited to a 16-token window, at the long budget; there the slow path is
+the only channel to anything further back, so a working layer must open its gate and beat the
+other two. Plus a cost measurement (training-step time of coupled vs dense, one process,
+interleaved) and the paper's theorem checked numerically (experiments/fast_slow_theorem.py).
+The claims' rules are in experiments/fast_slow_claims.py, fixed before any run.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from routemem.data import ByteTokenizer, WindowSampler, load_corpus, load_splits
+from routemem.errors import DataError, TrainingDiverged
+from routemem.experiments import fast_slow_claims, fast_slow_report, fast_slow_theorem
+from routemem.experiments.common import RunCache, use_bf16, write_outputs
+from routemem.experiments.runner import Execution, Unit, run_units
+from routemem.machine import machine_header
+from routemem.models import LMConfig, TransformerLM
+from routemem.train.config import TrainConfig
+from routemem.train.evaluate import autocast_context, evaluate
+from routemem.train.optim import make_optimizer
+from routemem.train.supervised import fit_steps
+
+ARMS = ("dense", "coupled", "frozen")
+
+
+@dataclass(frozen=True)
+class Setting:
+    d_model: int = 128
+    n_layer: int = 2
+    n_head: int = 4
+    seq_len: int = 256
+    block: int = 16  # P: one slow update per P tokens
+    batch_size: int = 16
+    lr: float = 3e-3
+    budgets: tuple[int, ...] = (500_000, 5_000_000)  # training tokens: the paper's, and 10x
+    control_window: int = 16  # the fast path's window in the positive control (< seq_len)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    val_tokens: int = 65_536  # final validation loss
+    curve_points: int = 10  # validation evaluations along each run
+    curve_tokens: int = 8_192
+    gate_every: int = 10  # steps between gate statistics
+    cost_steps: int = 10  # timed steps per arm and round in the cost measurement
+    cost_rounds: int = 3
+    bf16: bool = True
+
+    def steps(self, tokens: int) -> int:
+        return max(1, tokens // (self.batch_size * self.seq_len))
+
+    @property
+    def control_budget(self) -> int:
+        return max(self.budgets)
+
+
+FULL = Setting()
+QUICK = replace(FULL, d_model=64, seq_len=128, batch_size=8, budgets=(100_000, 400_000), seeds=(0, 1),
+                val_tokens=16_384, curve_points=5, curve_tokens=4_096, cost_steps=5, cost_rounds=2)
+
+
+# --- data and models -------------------------------------------------------------------------
+
+
+def default_corpus(data_dir: str | None) -> str:
+    """The paper's corpus when the data folder has it, else the built-in one (runs anywhere)."""
+    try:
+        load_corpus("shakespeare", data_dir)
+    except DataError:
+        return "pydocs"
+    return "shakespeare"
+
+
+@functools.lru_cache(maxsize=2)
+def cached_splits(corpus: str, data_dir: str | None) -> dict:
+    """Byte-level train/val/test splits, once per process (a worker runs several units)."""
+    loaded = load_corpus(corpus, data_dir)
+    return {"splits": load_splits(loaded, ByteTokenizer()), "sha256": loaded.sha256}
+
+
+def model_config(setting: Setting, arm: str, window: int | None) -> LMConfig:
+    if arm == "dense":
+        mixer, kwargs = "attention", ({"window": window} if window else {})
+    else:
+        mixer = "fast_slow"
+        kwargs = {"block": setting.block, "freeze_slow": arm == "frozen", **({"window": window} if window else {})}
+    return LMConfig(vocab_size=256, n_layer=setting.n_layer, d_model=setting.d_model, n_head=setting.n_head,
+                    max_seq_len=setting.seq_len, mixer=mixer, mixer_kwargs=kwargs)
+
+
+def gate_stats(model: TransformerLM) -> dict[str, list[float]]:
+    """Per layer: rms and mean |g| of the gate (empty lists for the dense arm)."""
+    mixers = [b.mixer for b in model.blocks if hasattr(b.mixer, "gate_values")]
+    stats = [m.metrics() for m in mixers]
+    return {"rms": [s["gate_rms"] for s in stats], "mean_abs": [s["gate_mean_abs"] for s in stats]}
+
+
+@torch.no_grad()
+def slow_share(model: TransformerLM, inputs: torch.Tensor) -> list[float]:
+    """Per layer: rms of what the slow path adds (g * message) over rms of the mixer's output, on
+    ``inputs``: how much of the layer the gate lets through, whatever the scale of g."""
+    shares, seen = [], []
+    hooks = [b.mixer.register_forward_hook(lambda mod, args, out: seen.append((mod, args[0], out)))
+             for b in model.blocks if hasattr(b.mixer, "gate_values")]
+    try:
+        model.eval()
+        model(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train()
+    for mixer, x, out in seen:
+        fast = mixer.fast(x)
+        shares.append(float((out - fast).float().pow(2).mean().sqrt() / out.float().pow(2).mean().sqrt()))
+    return shares
+
+
+# --- one training run ------------------------------------------------------------------------
+
+
+def train_one(setting: Setting, arm: str, tokens: int, window: int | None, seed: int, corpus: str,
+              data_dir: str | None, device: str = "cpu") -> dict:
+    """Train one model for ``tokens`` training tokens; validation loss along the way and at the
+    end, the gate's statistics every ``gate_every`` steps, and the slow path's share at the end.
+    Built on the CPU (the same initial weights on every device), then moved."""
+    start = time.perf_counter()
+    device = torch.device(device)
+    data = cached_splits(corpus, data_dir)["splits"]
+    torch.manual_seed(seed)
+    model = TransformerLM(model_config(setting, arm, window)).to(device)
+    steps = setting.steps(tokens)
+    bf16 = use_bf16(setting.bf16, device)
+    cfg = TrainConfig(batch_size=setting.batch_size, max_steps=steps, lr=setting.lr, min_lr=setting.lr / 10,
+                      warmup_steps=max(1, steps // 20), weight_decay=0.1, seed=seed)
+    sampler = WindowSampler(data["train"], setting.seq_len, seed=seed, name="train")
+    curve_at = {round(steps * (i + 1) / setting.curve_points) - 1 for i in range(setting.curve_points)}
+    record = {"arm": arm, "tokens": tokens, "window": window, "seed": seed, "steps": steps,
+              "batch_tokens": setting.batch_size * setting.seq_len, "params": model.num_params(include_embeddings=False),
+              "curve": {"step": [], "val_loss": []}, "gate_trace": {"step": [], "rms": []}}
+
+    def val_loss(max_tokens: int) -> float:
+        return evaluate(model, data["val"], seq_len=setting.seq_len, batch_size=setting.batch_size,
+                        max_tokens=max_tokens, device=device, bf16=bf16)["loss"]
+
+    def after_step(step: int) -> None:
+        if arm != "dense" and (step % setting.gate_every == 0 or step == steps - 1):
+            record["gate_trace"]["step"].append(step + 1)
+            record["gate_trace"]["rms"].append(gate_stats(model)["rms"])
+        if step in curve_at:
+            record["curve"]["step"].append(step + 1)
+            record["curve"]["val_loss"].append(val_loss(setting.curve_tokens))
+
+    label = f"{arm}{f'-w{window}' if window else ''} {tokens:,} tokens seed={seed}"
+    train_start = time.perf_counter()
+    try:
+        losses = fit_steps(model, lambda step: sampler.get_batch(step, setting.batch_size), cfg, bf16=bf16,
+                           progress=label, after_step=after_step)
+    except TrainingDiverged as err:
+        return {**record, "diverged": str(err), "seconds": time.perf_counter() - start}
+    train_seconds = time.perf_counter() - train_start
+    probe = torch.as_tensor(np.asarray(data["val"][: setting.seq_len * 4], dtype=np.int64)).view(4, -1).to(device)
+    record.update(
+        metrics={"val_loss": val_loss(setting.val_tokens), "train_loss_final": float(np.mean(losses[-20:]))},
+        gate=gate_stats(model),
+        slow_share=slow_share(model, probe) if arm != "dense" else [],
+        train_seconds=train_seconds,
+        seconds=time.perf_counter() - start,
+    )
+    return record
+
+
+# --- cost: training-step time, coupled vs dense, in one process ------------------------------
+
+
+def measure_cost(setting: Setting, device: str = "cpu") -> dict:
+    """Median seconds per training step (forward, backward, AdamW) of each arm at the study's size,
+    the arms interleaved round by round in this one process, so a slower or busier machine moves
+    them together; the claim is the ratio coupled / dense."""
+    device = torch.device(device)
+    bf16 = use_bf16(setting.bf16, device)
+    batch = torch.randint(0, 256, (setting.batch_size, setting.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    inputs, targets = batch[:, :-1].to(device), batch[:, 1:].to(device)
+    models = {}
+    for arm in ARMS:
+        torch.manual_seed(0)
+        model = TransformerLM(model_config(setting, arm, None)).to(device)
+        for mixer in (b.mixer for b in model.blocks if hasattr(b.mixer, "gate")):
+            with torch.no_grad():
+                mixer.gate.fill_(0.1)  # open: time the slow path in use
+        cfg = TrainConfig(batch_size=setting.batch_size, max_steps=1, lr=1e-4)
+        models[arm] = (model, make_optimizer(model, cfg))
+    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+
+    def one_step(model, optimizer) -> None:
+        with autocast_context(device, bf16):
+            _, loss = model(inputs, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # waits for the device
+
+    for _ in range(setting.cost_rounds):
+        for arm, (model, optimizer) in models.items():
+            for _ in range(2):  # warm-up (and AdamW's state) outside the timing
+                one_step(model, optimizer)
+            for _ in range(setting.cost_steps):
+                started = time.perf_counter()
+                one_step(model, optimizer)
+                times[arm].append(time.perf_counter() - started)
+    median = {arm: statistics.median(t) for arm, t in times.items()}
+    return {"step_seconds": median, "samples": {arm: len(t) for arm, t in times.items()},
+            "ratio_coupled_dense": median["coupled"] / median["dense"],
+            "ratio_frozen_dense": median["frozen"] / median["dense"]}
+
+
+# --- the study -------------------------------------------------------------------------------
+
+
+def run_name(arm: str, tokens: int, window: int | None, seed: int) -> str:
+    return f"{arm}{f'-w{window}' if window else ''}-{tokens}-seed{seed}"
+
+
+def units(setting: Setting, corpus: str, data_dir: str | None, device: torch.device) -> list[Unit]:
+    """The cost measurement, then one unit per run: main arms at every budget, then the control."""
+    todo = [Unit("cost", measure_cost, (setting, device.type))]
+    plan = [(arm, tokens, None) for tokens in setting.budgets for arm in ARMS]
+    plan += [(arm, setting.control_budget, setting.control_window) for arm in ARMS]
+    for arm, tokens, window in plan:
+        for seed in setting.seeds:
+            todo.append(Unit(run_name(arm, tokens, window, seed), train_one,
+                             (setting, arm, tokens, window, seed, corpus, data_dir, device.type)))
+    return todo
+
+
+def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Setting | None = None,
+        device: str | torch.device = "auto", jobs: int = 1, shard=None) -> dict:
+    """Writes OUT/fast-slow/{results.json, report.md, *.png}; finished runs are kept in
+    OUT/fast-slow/runs/ (an interrupted study resumes; shards add up). With ``shard`` it trains
+    only that shard's units and returns a summary instead of writing the report."""
+    setting = setting or (QUICK if quick else FULL)
+    execution = Execution.make(device, jobs, shard)
+    corpus = default_corpus(data_dir)
+    study_dir = Path(out) / "fast-slow"
+    started = time.perf_counter()
+    cache = RunCache(study_dir / "runs", {**asdict(setting), "corpus": corpus})
+    todo = units(setting, corpus, data_dir, execution.device)
+    outcome = run_units(todo, cache, execution)
+    if execution.shard is not None:
+        return outcome.shard_summary(execution.shard, cache)
+    cost = outcome.records["cost"]
+    runs = [outcome.records[u.name] for u in todo if u.name != "cost"]
+    theorem = fast_slow_theorem.tracking_study()
+    results = {
+        "study": "fast-slow",
+        "mode": "quick" if quick else "full",
+        "env": machine_header(execution.device),
+        "execution": {"jobs": execution.jobs, "trained_on": cache.trained_on(),
+                      "bf16": use_bf16(setting.bf16, execution.device)},
+        "data": {"train": corpus, "tokenizer": "bytes", "sha256": {corpus: cached_splits(corpus, data_dir)["sha256"]}},
+        "setting": asdict(setting),
+        "claims": fast_slow_claims.claims(setting, runs, cost, theorem),
+        "cost": cost,
+        "theorem": theorem,
+        "runs": runs,
+        "runs_reused": outcome.reused,
+        "seconds": time.perf_counter() - started,
+    }
+    write_outputs(study_dir, results, fast_slow_report.report(results, setting))
+    fast_slow_report.plots(study_dir, setting, runs, theorem)
+    return results

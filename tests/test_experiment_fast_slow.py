@@ -1,0 +1,144 @@
+"""The fast-slow study: its claim rules on made-up runs (each verdict can come out every way), a
+tiny end-to-end study, the slow-share measurement, and resuming from the run cache."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from routemem.cli import main
+from routemem.experiments import fast_slow, fast_slow_claims
+from routemem.experiments.common import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
+
+TINY = replace(fast_slow.QUICK, d_model=32, n_head=2, seq_len=64, block=8, batch_size=4, budgets=(2_048, 4_096),
+               control_window=8, val_tokens=1_024, curve_points=2, curve_tokens=512, gate_every=4,
+               cost_steps=1, cost_rounds=1, bf16=False)
+
+
+def fake_run(arm: str, tokens: int, seed: int, loss: float, gate: float = 0.0, window=None) -> dict:
+    return {"arm": arm, "tokens": tokens, "window": window, "seed": seed, "metrics": {"val_loss": loss},
+            "gate": {"rms": [] if arm == "dense" else [gate / 2, gate]}}
+
+
+def three_arms(tokens: int, losses: dict, gate: float = 0.0, window=None) -> list[dict]:
+    return [fake_run(arm, tokens, seed, value, gate, window)
+            for arm, values in losses.items() for seed, value in enumerate(values)]
+
+
+def neutral(runs, tokens=100):
+    return fast_slow_claims.neutral_claim("x", "statement", runs, tokens, {"ours": "-"})
+
+
+def test_neutral_rule_reproduced_when_gaps_are_inside_the_margin_and_the_gate_is_shut():
+    runs = three_arms(100, {"dense": [2.000, 2.010, 2.005], "coupled": [2.002, 2.008, 2.004],
+                            "frozen": [2.001, 2.011, 2.003]}, gate=0.02)
+    claim = neutral(runs)
+    assert claim["verdict"] == REPRODUCED
+    assert claim["measured"]["margin"] == pytest.approx(fast_slow_claims.MIN_MARGIN)  # tiny std: the floor
+
+
+def test_neutral_rule_not_reproduced_by_a_real_gap_or_an_open_gate():
+    gap = three_arms(100, {"dense": [2.00, 2.01, 2.00], "coupled": [1.90, 1.91, 1.90], "frozen": [2.00, 2.00, 2.01]})
+    claim = neutral(gap)
+    assert claim["verdict"] == NOT_REPRODUCED and "coupled differs from frozen" in claim["why"]
+    shut = {"dense": [2.0, 2.0, 2.0], "coupled": [2.0, 2.0, 2.0], "frozen": [2.0, 2.0, 2.0]}
+    opened = neutral(three_arms(100, shut, gate=0.5))
+    assert opened["verdict"] == NOT_REPRODUCED and "the gate opened" in opened["why"]
+
+
+def test_neutral_margin_grows_with_seed_noise_and_one_seed_is_inconclusive():
+    noisy = three_arms(100, {"dense": [2.0, 2.2, 1.8], "coupled": [2.05, 2.25, 1.85], "frozen": [2.0, 2.2, 1.8]})
+    claim = neutral(noisy)
+    assert claim["measured"]["margin"] == pytest.approx(2 * 0.2)  # pooled std 0.2
+    assert claim["verdict"] == REPRODUCED
+    one = three_arms(100, {"dense": [2.0], "coupled": [2.0], "frozen": [2.0]})
+    assert neutral(one)["verdict"] == INCONCLUSIVE
+
+
+def test_control_rule_needs_an_open_gate_and_a_win():
+    setting = replace(TINY, budgets=(100, 1000), control_window=8)
+    win = three_arms(1000, {"dense": [2.3, 2.31, 2.32], "coupled": [2.0, 2.01, 2.02],
+                            "frozen": [2.2, 2.21, 2.22]}, gate=0.5, window=8)
+    assert fast_slow_claims.control_claim(setting, win)["verdict"] == REPRODUCED
+    shut = three_arms(1000, {"dense": [2.3, 2.31, 2.32], "coupled": [2.0, 2.01, 2.02],
+                             "frozen": [2.2, 2.21, 2.22]}, gate=0.01, window=8)
+    failed = fast_slow_claims.control_claim(setting, shut)
+    assert failed["verdict"] == NOT_REPRODUCED and "POSITIVE CONTROL FAILED" in failed["why"]
+    tie = three_arms(1000, {"dense": [2.0, 2.1, 2.2], "coupled": [2.0, 2.1, 2.2],
+                            "frozen": [2.0, 2.1, 2.2]}, gate=0.5, window=8)
+    assert fast_slow_claims.control_claim(setting, tie)["verdict"] == INCONCLUSIVE
+
+
+def test_cost_rule():
+    cost = {"ratio_coupled_dense": 1.05, "ratio_frozen_dense": 1.0, "step_seconds": {}}
+    assert fast_slow_claims.cost_claim(TINY, cost)["verdict"] == REPRODUCED
+    assert fast_slow_claims.cost_claim(TINY, {**cost, "ratio_coupled_dense": 1.2})["verdict"] == NOT_REPRODUCED
+
+
+def test_slow_share_is_zero_with_a_shut_gate_and_positive_with_an_open_one():
+    torch.manual_seed(0)
+    model = fast_slow.TransformerLM(fast_slow.model_config(TINY, "coupled", None))
+    inputs = torch.randint(0, 256, (2, TINY.seq_len))
+    assert fast_slow.slow_share(model, inputs) == [0.0] * TINY.n_layer
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mixer.gate.fill_(1.0)
+    assert all(share > 0 for share in fast_slow.slow_share(model, inputs))
+    assert model.training  # put back in training mode
+
+
+def test_arms_differ_only_in_the_mixer():
+    configs = {arm: fast_slow.model_config(TINY, arm, None) for arm in fast_slow.ARMS}
+    assert configs["dense"].mixer == "attention" and configs["coupled"].mixer == "fast_slow"
+    assert configs["frozen"].mixer_kwargs["freeze_slow"] and not configs["coupled"].mixer_kwargs["freeze_slow"]
+    assert fast_slow.model_config(TINY, "dense", 8).mixer_kwargs == {"window": 8}
+    assert fast_slow.model_config(TINY, "coupled", 8).mixer_kwargs["window"] == 8
+
+
+def test_tiny_study_writes_results_report_and_plots(tmp_path):
+    results = fast_slow.run(out=tmp_path, setting=TINY, device="cpu")
+    study = tmp_path / "fast-slow"
+    on_disk = json.loads((study / "results.json").read_text())
+    assert [c["id"] for c in on_disk["claims"]] == [
+        "neutral_at_paper_budget", "cost_comparable_to_dense", "positive_control", "neutral_at_10x_budget",
+        "theorem_tracking"]
+    assert all(c["verdict"] in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE) for c in on_disk["claims"])
+    assert len(on_disk["runs"]) == 3 * len(TINY.seeds) * (len(TINY.budgets) + 1)
+    coupled = [r for r in results["runs"] if r["arm"] == "coupled"]
+    for run in coupled:
+        assert len(run["gate"]["rms"]) == TINY.n_layer and run["gate_trace"]["step"][-1] == run["steps"]
+        assert len(run["curve"]["val_loss"]) == TINY.curve_points
+    frozen = [r for r in results["runs"] if r["arm"] == "frozen"]
+    assert all(max(r["gate"]["rms"]) > 0 for r in frozen)  # the gate trains even with the slow path frozen
+    assert results["cost"]["ratio_coupled_dense"] > 0
+    report = (study / "report.md").read_text()
+    assert "## Claims" in report and "POSITIVE CONTROL" in report or results["claims"][2]["verdict"] != NOT_REPRODUCED
+    for plot in ("gate.png", "val_loss.png", "eps_slope.png"):
+        assert (study / plot).stat().st_size > 0
+
+
+def test_frozen_arm_keeps_its_slow_path_at_init():
+    torch.manual_seed(3)
+    model = fast_slow.TransformerLM(fast_slow.model_config(TINY, "frozen", None))
+    before = [p.detach().clone() for b in model.blocks for p in b.mixer.slow_parameters()]
+    data = fast_slow.cached_splits("pydocs", None)["splits"]
+    sampler = fast_slow.WindowSampler(data["train"], TINY.seq_len, seed=0)
+    cfg = fast_slow.TrainConfig(batch_size=2, max_steps=3, lr=1e-2, warmup_steps=1)
+    fast_slow.fit_steps(model, lambda step: sampler.get_batch(step, 2), cfg)
+    after = [p for b in model.blocks for p in b.mixer.slow_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert any(b.mixer.gate.abs().max() > 0 for b in model.blocks)
+
+
+def test_cli_reproduce_fast_slow_quick_and_resume(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fast_slow, "QUICK", replace(TINY, seeds=(0,)))
+    assert main(["reproduce", "fast-slow", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "report:" in out and "positive control" in out.lower()
+    trained = []
+    monkeypatch.setattr(fast_slow, "train_one", lambda *args: trained.append(args) or {})
+    again = fast_slow.run(out=tmp_path, quick=True)
+    assert trained == [] and again["runs_reused"] == 3 * (len(TINY.budgets) + 1) + 1  # runs + the cost
