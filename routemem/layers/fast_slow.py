@@ -46,6 +46,9 @@ class FastSlowAttention(nn.Module):
             raise ConfigError(f"{owner}: d_model={spec.d_model} is not divisible by slow_heads={slow_heads}")
         d = spec.d_model
         self.slow_heads, self.slow_head_dim = slow_heads, d // slow_heads
+        if spec.pos == "rope" and self.slow_head_dim % 2:  # RoPE rotates pairs of channels
+            raise ConfigError(f"{owner}: pos=rope needs an even slow head dimension, but d_model={d} / "
+                              f"slow_heads={slow_heads} = {self.slow_head_dim}")
         self.dropout = spec.dropout
         self.fast = CausalSelfAttention(spec, window=window, bias=bias)
         self.slow_qkv = nn.Linear(d, 3 * d, bias=bias)
