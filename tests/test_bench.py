@@ -12,6 +12,7 @@ import torch
 
 from routemem.bench import SUITES, run_suite
 from routemem.bench import apn as apn_bench
+from routemem.bench import fast_slow as fast_slow_bench
 from routemem.bench import palimpsa as palimpsa_bench
 from routemem.bench import train as train_bench
 from routemem.bench.common import all_met, median_seconds, row, target
@@ -34,6 +35,15 @@ def tiny_palimpsa(monkeypatch):
 def tiny_apn(monkeypatch):
     for name, value in {"TOKENS": 256, "D": 16, "K": 8, "R": 4, "TOP_K": 2}.items():
         monkeypatch.setattr(apn_bench, name, value)
+
+
+@pytest.fixture
+def tiny_fast_slow(monkeypatch):
+    # two block sizes and a target length that a quick run does not measure (128)
+    monkeypatch.setattr(fast_slow_bench, "SHAPE", {"B": 1, "d_model": 16, "n_head": 2})
+    monkeypatch.setattr(fast_slow_bench, "LENGTHS", {"quick": (32, 64), "full": (), "full_cuda": ()})
+    monkeypatch.setattr(fast_slow_bench, "BLOCKS", {"quick": (4, 16), "full": ()})
+    monkeypatch.setattr(fast_slow_bench, "TARGET_LENGTHS", (64, 128))
 
 
 @pytest.fixture
@@ -88,8 +98,9 @@ def check_shape(result: dict, suite: str, out=None) -> dict:
 
 
 def row_key(r: dict) -> str:
-    """op/mode/direction, then T (palimpsa) or routing (apn) where the row has one: a test's handle."""
-    parts = [r["op"], r["mode"], r["direction"]] + [r[f] for f in ("T", "routing") if r.get(f) is not None]
+    """op/mode/direction, then T (palimpsa, fast-slow), P (fast-slow) or routing (apn) where the row
+    has one: a test's handle."""
+    parts = [r["op"], r["mode"], r["direction"]] + [r[f] for f in ("T", "P", "routing") if r.get(f) is not None]
     return "/".join(str(p) for p in parts)
 
 
@@ -160,6 +171,48 @@ def test_apn_suite_shape_targets_params_and_routing(tmp_path, tiny_apn):
     assert skewed.max() / skewed.float().mean() > 1.5 and skewed.sum() == 256 * 2
 
 
+def test_fast_slow_suite_shape_targets_memory_and_params(tmp_path, tiny_fast_slow):
+    out = tmp_path / "b.json"
+    result = run_suite("fast-slow", quick=True, out=str(out), device="cpu")
+    rows = check_shape(result, "fast-slow", out)
+    expected = {f"{name}/{d}/{T}{block}" for d in ("fwd", "fwd+bwd") for T in (32, 64)
+                for name, block in (("attention/causal", ""), ("fast_slow/coupled", "/4"), ("fast_slow/coupled", "/16"))}
+    assert set(rows) == expected and len(result["rows"]) == 12
+    for r in rows.values():
+        assert r["B"] == 1 and r["d_model"] == 16 and r["n_head"] == 2
+        assert (r["P"] is None) == (r["op"] == "attention")
+    # the slow path keeps its own activations for backward, on top of the fast path's
+    for T in (32, 64):
+        attention = rows[f"attention/causal/fwd+bwd/{T}"]["memory_bytes"]
+        assert rows[f"fast_slow/coupled/fwd+bwd/{T}/4"]["memory_bytes"] > attention > 0
+        assert rows[f"fast_slow/coupled/fwd/{T}/4"]["memory_bytes"] is None  # nothing saved under no_grad
+    targets = {t["name"]: t for t in result["targets"]}
+    assert set(targets) == {f"fast_slow_P16_over_attention_T{T}_{tag}" for T in (64, 128) for tag in ("fwd", "fwd_bwd")}
+    for t in targets.values():
+        assert (t["threshold"], t["comparison"]) == (1.1, "<=")
+        assert t["numerator"]["op"] == "fast_slow" and t["numerator"]["P"] == 16
+        assert t["denominator"]["op"] == "attention" and t["denominator"]["T"] == t["numerator"]["T"]
+    assert targets["fast_slow_P16_over_attention_T64_fwd_bwd"]["met"] is not None
+    assert targets["fast_slow_P16_over_attention_T128_fwd"]["met"] is None  # T=128 not measured
+    info = result["info"]
+    assert info["setup"]["gate_value"] == fast_slow_bench.GATE_OPEN != 0
+    # attention: 4 d^2; fast_slow adds the slow qkv and out (4 d^2), phi (8 d^2) and a d-vector gate
+    assert info["params"] == {"attention": 4 * 16 * 16, "fast_slow_P4": 16 * 16 * 16 + 16,
+                              "fast_slow_P16": 16 * 16 * 16 + 16}
+
+
+def test_fast_slow_suite_times_the_layer_with_its_gate_open(tiny_fast_slow):
+    # same seed, so the fast path equals the attention mixer: the difference is the gated slow
+    # path, zero before the first block completes and non-zero after it
+    modules = fast_slow_bench._build(32, (4,), torch.device("cpu"))
+    layer, attention = modules["fast_slow", 4], modules["attention", None]
+    assert torch.all(layer.gate == fast_slow_bench.GATE_OPEN)
+    x = fast_slow_bench.make_input(32, torch.device("cpu"))
+    with torch.no_grad():
+        slow = layer(x) - attention(x)
+    assert torch.all(slow[:, :3] == 0) and slow[:, 3:].abs().amax(dim=-1).min() > 0
+
+
 def test_fused_forms_that_cannot_run_are_skipped_rows_and_unjudged_targets(tmp_path, tiny_apn, monkeypatch):
     # what a GPU (or a machine without a C++ compiler) sees: the fused rows skipped with a reason,
     # their targets reported with met=None, not as failed, and left out of all_targets_met
@@ -220,6 +273,12 @@ def test_bench_refuses_unknown_suite_device_and_a_folder_as_out(capsys, tmp_path
     assert "nonesuch" in one_line_error(capsys, "bench", "nonesuch")
     assert "gpu" in one_line_error(capsys, "bench", "apn", "--device", "gpu")
     assert "folder" in one_line_error(capsys, "bench", "apn", "--out", str(tmp_path))
+
+
+def test_bench_cli_runs_a_suite_whose_name_has_a_dash(capsys, tmp_path, tiny_fast_slow):
+    assert main(["bench", "fast-slow", "--quick", "--device", "cpu", "--out", str(tmp_path / "b.json")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["suite"] == "fast-slow" and printed == json.loads((tmp_path / "b.json").read_text())
 
 
 def test_bench_help_lists_every_suite_with_what_it_measures(capsys):

@@ -5,7 +5,8 @@ Every suite reports one JSON shape: ``suite``, ``env`` (the machine header), ``q
 ``all_targets_met``, plus suite-specific context under ``info``. The shape, each field and how
 targets are judged are documented in docs/benchmarks.md.
 
-The suites are imported when run, so listing them (``routemem bench --help``) stays cheap.
+The suites are imported when run, so listing them (``routemem bench --help``) stays cheap. A suite
+``a-b`` lives in the module ``routemem.bench.a_b``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ SUITES: dict[str, str] = {
     "train": "Trainer.fit tokens/s against a minimal hand-written training loop (overhead <= 10%)",
     "palimpsa": "metaplastic attention chunk/fused vs its reference loop, GLA, gated delta and SDPA",
     "apn": "Attractor Patch FFN grouped/fused vs reference, and vs a same-parameter dense FFN",
+    "fast-slow": "fast_slow mixer (gate open, P=4/16) vs the plain attention mixer, T=256..4096",
 }
 
 
@@ -30,7 +32,8 @@ def run_suite(name: str, quick: bool = False, out: str | None = None, device: st
     if name not in SUITES:
         raise UserError(f"unknown benchmark suite '{name}' (available: {', '.join(sorted(SUITES))})")
     resolved = resolve_device(device)
-    measured = importlib.import_module(f"routemem.bench.{name}").run(quick=quick, device=resolved)
+    module = importlib.import_module(f"routemem.bench.{name.replace('-', '_')}")  # fast-slow -> fast_slow
+    measured = module.run(quick=quick, device=resolved)
     result = {"suite": name, "env": machine_header(resolved), "quick": quick,
               "rows": measured["rows"], "targets": measured["targets"],
               "all_targets_met": measured["all_targets_met"], "info": measured.get("info", {})}

@@ -1,0 +1,160 @@
+"""Fast-slow coupled attention: the ``fast_slow`` mixer against the plain ``attention`` mixer with
+the same width and heads; time and memory, forward alone and forward+backward, at T in
+{256, 1024, 4096} (16384 too on a GPU) and block P in {4, 16}.
+
+The gate is opened (every entry set to GATE_OPEN) before timing. With the gate at its zero init
+the layer computes the slow path all the same, but the point is its cost in use, once the gate
+has opened; the timed work is identical either way, only the output differs.
+
+Targets (issue 11, the paper's "wall-clock comparable to dense"): fast_slow time / attention time
+<= 1.1 at P=16 for T=1024 and T=4096, each for fwd and for fwd+bwd (four targets). A quick run
+measures T=1024 only, so its T=4096 targets are reported as not judged.
+
+Each T builds both mixers once; ROUNDS rounds then time every variant (attention, fast_slow at each
+P) in turn, REPEATS calls each after one warm-up, so that drift in machine load hits all of them
+alike; the median is over every round's runs. fwd runs under torch.no_grad; fwd+bwd backpropagates
+a fixed random output gradient into the input and every parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from routemem.bench.common import (
+    FWD,
+    FWD_BWD,
+    all_met,
+    cuda_peak_bytes,
+    median_seconds,
+    memory_measure,
+    row,
+    saved_bytes,
+    target,
+)
+from routemem.layers import LayerSpec, build_mixer
+
+SHAPE = {"B": 4, "d_model": 128, "n_head": 4}
+GATE_OPEN = 0.1  # every gate entry while timing (the layer in use; see the module docstring)
+# a GPU runs the long lengths in milliseconds, so its full run adds one
+LENGTHS = {"quick": (256, 1024), "full": (256, 1024, 4096), "full_cuda": (256, 1024, 4096, 16384)}
+BLOCKS = {"quick": (16,), "full": (4, 16)}
+TARGET_BLOCK = 16
+TARGET_LENGTHS = (1024, 4096)
+RATIO_TARGET = 1.1  # fast_slow time / attention time, at most
+ROUNDS = {"quick": 1, "full": 3}
+REPEATS = {"quick": 2, "full": 3}
+SEED = 0
+
+ATTENTION, FAST_SLOW = "attention", "fast_slow"  # a row's "op"; the modes are "causal" and "coupled"
+
+
+def _build(T: int, blocks: tuple[int, ...], device: torch.device) -> dict:
+    """attention and fast_slow at each block size, gates opened. Each is built from the same seed, so
+    fast_slow's fast path (built first) has the attention mixer's weights."""
+    spec = LayerSpec(d_model=SHAPE["d_model"], n_head=SHAPE["n_head"], max_seq_len=T)
+    modules = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        modules[ATTENTION, None] = build_mixer("attention", spec)
+        for P in blocks:
+            torch.manual_seed(SEED)
+            layer = build_mixer("fast_slow", spec, {"block": P})
+            with torch.no_grad():
+                layer.gate.fill_(GATE_OPEN)
+            modules[FAST_SLOW, P] = layer
+    for module in modules.values():
+        module.to(device).train()
+    return modules
+
+
+def make_input(T: int, device: torch.device, seed: int = SEED) -> torch.Tensor:
+    """[B, T, d_model] unit-scale tokens, as a block's pre-mixer norm hands them over."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE["B"], T, SHAPE["d_model"], generator=g)
+    return F.layer_norm(x, (SHAPE["d_model"],)).to(device)
+
+
+def _once(module: torch.nn.Module, x: torch.Tensor, backward: bool, grad: torch.Tensor):
+    leaf = x.detach().requires_grad_(backward)
+    params = list(module.parameters())
+
+    def once():
+        if not backward:
+            with torch.no_grad():
+                module(leaf)
+            return
+        module(leaf).backward(grad)
+        leaf.grad = None
+        for p in params:
+            p.grad = None  # as zero_grad(set_to_none=True) between training steps
+
+    return once
+
+
+def _memory(module: torch.nn.Module, x: torch.Tensor, backward: bool, grad: torch.Tensor) -> int | None:
+    if x.device.type == "cuda":
+        return cuda_peak_bytes(_once(module, x, backward, grad), x.device)
+    if not backward:
+        return None  # under no_grad autograd saves nothing
+    leaf = x.detach().requires_grad_()
+    return saved_bytes(lambda: module(leaf), [leaf, *module.parameters()])
+
+
+def _n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
+    device = torch.device(device)
+    key = "quick" if quick else "full"
+    lengths = LENGTHS["quick" if quick else "full_cuda" if device.type == "cuda" else "full"]
+    blocks = BLOCKS[key]
+    directions = ((FWD, False), (FWD_BWD, True))
+    rows, params = [], {}
+    for T in lengths:
+        x = make_input(T, device)
+        grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(SEED + 1)).to(device)
+        modules = _build(T, blocks, device)
+        runs = {(name, direction): [] for name in modules for direction, _ in directions}
+        for _ in range(ROUNDS[key]):  # every variant in turn, so drift in machine load hits all alike
+            for name, module in modules.items():
+                for direction, backward in directions:
+                    timed = median_seconds(_once(module, x, backward, grad), repeats=REPEATS[key], warmup=1,
+                                           device=device)
+                    runs[name, direction] += timed["runs_s"]
+        for (op, P), module in modules.items():
+            names = {"op": op, "mode": "causal" if op == ATTENTION else "coupled", "T": T, "P": P, **SHAPE}
+            for direction, backward in directions:
+                rows.append(row(names, direction, runs[(op, P), direction], _memory(module, x, backward, grad),
+                                memory_measure(device)))
+        params = {ATTENTION if P is None else f"{op}_P{P}": _n_params(m) for (op, P), m in modules.items()}
+        del modules, x, grad
+
+    info = {
+        "setup": {**SHAPE, "gate": "vector", "gate_value": GATE_OPEN, "slow_heads": SHAPE["n_head"],
+                  "pos": "learned (no RoPE)", "dropout": 0.0, "dtype": "float32", "blocks": list(blocks),
+                  "lengths": list(lengths),
+                  "timed": "one mixer call on [B, T, d_model]; fwd under torch.no_grad; fwd+bwd backpropagates "
+                           "a fixed random output gradient into the input and all parameters",
+                  "rounds": ROUNDS[key], "repeats_per_round": REPEATS[key], "warmup": 1},
+        "params": params,
+    }
+    targets = _targets(rows)
+    return {"rows": rows, "targets": targets, "all_targets_met": all_met(targets), "info": info}
+
+
+def _targets(rows: list[dict]) -> list[dict]:
+    """fast_slow at P=TARGET_BLOCK over attention at the same T, per target length and direction."""
+    found = []
+    for T in TARGET_LENGTHS:
+        for direction in (FWD, FWD_BWD):
+            tag = direction.replace("+", "_")  # fwd | fwd_bwd, for a plain identifier
+            found.append(target(
+                rows, f"fast_slow_P{TARGET_BLOCK}_over_attention_T{T}_{tag}",
+                f"the fast_slow mixer (P={TARGET_BLOCK}, gate open) at most {RATIO_TARGET:g}x the time of the "
+                f"attention mixer with the same width and heads (T={T}, {direction})",
+                {"op": FAST_SLOW, "P": TARGET_BLOCK, "T": T, "direction": direction},
+                {"op": ATTENTION, "T": T, "direction": direction},
+                RATIO_TARGET, "<="))
+    return found
