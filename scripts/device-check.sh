@@ -17,12 +17,13 @@ OUT_DIR="${1:-${DEVICE_CHECK_DIR:-device-check}}"
 PYTEST_TIMEOUT="${PYTEST_TIMEOUT:-150}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-90}"
 BENCH_FLAGS="${BENCH_FLAGS:-}"
-SUITES="train palimpsa apn"
 PY="${PYTHON:-python3}"
 
 mkdir -p "$OUT_DIR" && OUT_DIR="$(cd "$OUT_DIR" && pwd)" || exit 2  # absolute: we cd below
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# every suite routemem ships (override with SUITES="a b")
+SUITES="${SUITES:-$("$PY" -c 'from routemem.bench import SUITES; print(" ".join(SUITES))')}"
 rm -f "$OUT_DIR"/steps.tsv "$OUT_DIR"/pytest-cuda.xml "$OUT_DIR"/bench-*.json "$OUT_DIR"/device-check.json
 
 # step NAME LIMIT LOG COMMAND...: run COMMAND under `timeout LIMIT`, output to LOG, and append

@@ -115,9 +115,9 @@ def test_clean_run_exits_zero_even_when_a_target_is_missed(tmp_path, monkeypatch
     """A missed target is a measurement, not a failure: the verdict is in the JSON."""
     monkeypatch.setattr(summary_module, "environment", lambda: dict(ENV))
     missed = [dict(TARGETS[0], met=False)]
-    benches = {s: ("json", {"targets": missed, "all_targets_met": False}) for s in ("train", "palimpsa", "apn")}
+    benches = {s: ("json", {"targets": missed, "all_targets_met": False}) for s in summary_module.SUITES}
     steps = [("environment", 0, 1.0, 60), ("pytest", 0, 20.0, 240)] + [
-        (f"bench-{s}", 0, 10.0, 70) for s in ("train", "palimpsa", "apn")]
+        (f"bench-{s}", 0, 10.0, 70) for s in summary_module.SUITES]
     folder = write_folder(tmp_path / "dc", CLEAN_JUNIT, steps, benches)
     assert summary_module.main([str(folder)]) == 0
     written = json.loads((folder / "device-check.json").read_text())
@@ -133,3 +133,10 @@ def test_no_test_report_counts_as_failed(tmp_path):
     assert summary["tests_failed"] and not summary["ok"]
     assert summary["pytest"]["timed_out"]
     assert summary["pytest"]["error"] == "no test report (pytest-cuda.xml): some test output"
+
+
+def test_summary_knows_every_bench_suite():
+    """The summary's default list is the suites routemem ships (the shell script asks routemem)."""
+    from routemem.bench import SUITES
+
+    assert tuple(summary_module.SUITES) == tuple(SUITES)

@@ -104,8 +104,10 @@ class FastSlowAttention(nn.Module):
         u = causal_block_pool(x[:, : n_complete * self.block], self.block)  # a partial last block is never read
         q, k, v = self._slow_heads(u, 0)
         y = block_causal_attention(q, k, v, dropout=self.dropout if self.training else 0.0)
-        slow = block_broadcast(self._message(y), self.block, T)
-        return fast + self.gate_values() * slow
+        # Gate the N block rows before broadcasting them to T tokens: P times fewer multiplies, and
+        # autograd keeps [B, N, D] for the gate's gradient instead of [B, T, D].
+        gated = self.gate_values() * self._message(y)
+        return fast + block_broadcast(gated, self.block, T)
 
     # -- token-by-token decoding ----------------------------------------------------------------
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
