@@ -15,7 +15,7 @@ from routemem.experiments.common import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 
 TINY = replace(fast_slow.QUICK, d_model=32, n_head=2, seq_len=64, block=8, batch_size=4, budgets=(2_048, 4_096),
                control_window=8, val_tokens=1_024, curve_points=2, curve_tokens=512, gate_every=4,
-               cost_steps=1, cost_rounds=1, bf16=False)
+               cost_steps=1, cost_rounds=1, bf16=False, topic_tokens=2_048, topic_batch_size=2)
 
 
 def fake_run(arm: str, tokens: int, seed: int, loss: float, share: float = 0.0, window=None) -> dict:
@@ -61,18 +61,22 @@ def test_neutral_margin_grows_with_seed_noise_and_one_seed_is_inconclusive():
     assert neutral(one)["verdict"] == INCONCLUSIVE
 
 
+def control(setting, runs):
+    return fast_slow_claims.text_control_claim(setting, runs)
+
+
 def test_control_rule_needs_an_open_gate_and_a_win():
     setting = replace(TINY, budgets=(100, 1000), control_window=8)
     win = three_arms(1000, {"dense": [2.3, 2.31, 2.32], "coupled": [2.0, 2.01, 2.02],
                             "frozen": [2.2, 2.21, 2.22]}, share=0.5, window=8)
-    assert fast_slow_claims.control_claim(setting, win)["verdict"] == REPRODUCED
+    assert control(setting, win)["verdict"] == REPRODUCED
     shut = three_arms(1000, {"dense": [2.3, 2.31, 2.32], "coupled": [2.0, 2.01, 2.02],
                              "frozen": [2.2, 2.21, 2.22]}, share=0.01, window=8)
-    failed = fast_slow_claims.control_claim(setting, shut)
+    failed = control(setting, shut)
     assert failed["verdict"] == NOT_REPRODUCED and "POSITIVE CONTROL FAILED" in failed["why"]
     tie = three_arms(1000, {"dense": [2.0, 2.1, 2.2], "coupled": [2.0, 2.1, 2.2],
                             "frozen": [2.0, 2.1, 2.2]}, share=0.5, window=8)
-    assert fast_slow_claims.control_claim(setting, tie)["verdict"] == INCONCLUSIVE
+    assert control(setting, tie)["verdict"] == INCONCLUSIVE
 
 
 def test_cost_rule():
@@ -106,10 +110,13 @@ def test_tiny_study_writes_results_report_and_plots(tmp_path):
     study = tmp_path / "fast-slow"
     on_disk = json.loads((study / "results.json").read_text())
     assert [c["id"] for c in on_disk["claims"]] == [
-        "neutral_at_paper_budget", "cost_comparable_to_dense", "positive_control", "neutral_at_10x_budget",
-        "theorem_tracking"]
+        "neutral_at_paper_budget", "cost_comparable_to_dense", "positive_control", "positive_control_topics",
+        "neutral_at_10x_budget", "theorem_tracking"]
     assert all(c["verdict"] in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE) for c in on_disk["claims"])
-    assert len(on_disk["runs"]) == 3 * len(TINY.seeds) * (len(TINY.budgets) + 1)
+    assert len(on_disk["runs"]) == 3 * len(TINY.seeds) * (len(TINY.budgets) + 2)
+    topic_runs = [r for r in results["runs"] if r["task"] == "topics"]
+    assert len(topic_runs) == 3 * len(TINY.seeds) and all(r["window"] == TINY.topic_window for r in topic_runs)
+    assert all(r["batch_tokens"] == TINY.topic_batch_size * TINY.seq_len for r in topic_runs)
     coupled = [r for r in results["runs"] if r["arm"] == "coupled"]
     for run in coupled:
         assert len(run["gate"]["rms"]) == TINY.n_layer and run["gate_trace"]["step"][-1] == run["steps"]
@@ -144,4 +151,16 @@ def test_cli_reproduce_fast_slow_quick_and_resume(tmp_path, monkeypatch, capsys)
     trained = []
     monkeypatch.setattr(fast_slow, "train_one", lambda *args: trained.append(args) or {})
     again = fast_slow.run(out=tmp_path, quick=True)
-    assert trained == [] and again["runs_reused"] == 3 * (len(TINY.budgets) + 1) + 1  # runs + the cost
+    assert trained == [] and again["runs_reused"] == 3 * (len(TINY.budgets) + 2) + 1  # runs + the cost
+
+
+def test_topic_control_reads_only_topic_runs():
+    levels = {"topic_known": 3.47, "one_token": 4.09}
+    text = three_arms(TINY.topic_tokens, {"dense": [4.1, 4.1, 4.1], "coupled": [4.1, 4.1, 4.1],
+                                          "frozen": [4.1, 4.1, 4.1]}, share=0.0, window=TINY.topic_window)
+    topics = [dict(r, task="topics") for r in three_arms(
+        TINY.topic_tokens, {"dense": [4.10, 4.11, 4.12], "coupled": [3.60, 3.62, 3.64],
+                            "frozen": [4.10, 4.11, 4.12]}, share=0.9, window=TINY.topic_window)]
+    claim = fast_slow_claims.topic_control_claim(TINY, text + topics, levels)
+    assert claim["verdict"] == REPRODUCED and claim["measured"]["coupled"]["mean"] == pytest.approx(3.62)
+    assert fast_slow_claims.topic_control_claim(TINY, text, levels)["verdict"] == INCONCLUSIVE  # no topic runs

@@ -10,8 +10,10 @@ batches per seed):
 
 Budgets: the paper's 500k training tokens and 10x that. Positive control (ours): the same three
 arms with the fast path limited to a 16-token window, at the long budget; there the slow path is
-the only channel to anything further back, so a working layer must open its gate and beat the
-other two. Plus a cost measurement (training-step time of coupled vs dense, one process,
+the only channel to anything further back, so a working layer should open its gate and beat the
+other two. A second, decisive control trains the three arms on synthetic topic sequences
+(data/topics.py) with a 1-token fast window: there the slow path is worth ~0.6 nats by
+construction, so a layer that cannot show it is broken. Plus a cost measurement (training-step time of coupled vs dense, one process,
 interleaved) and the paper's theorem checked numerically (experiments/fast_slow_theorem.py).
 The claims' rules are in experiments/fast_slow_claims.py, fixed before any run.
 """
@@ -26,8 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from routemem.data import ByteTokenizer, WindowSampler, load_corpus, load_splits
+from routemem.data.topics import topic_known_loss, topic_one_token_loss, topic_subsets, topic_sequences
 from routemem.errors import DataError, TrainingDiverged
 from routemem.experiments import fast_slow_claims, fast_slow_report, fast_slow_theorem
 from routemem.experiments.common import RunCache, use_bf16, write_outputs
@@ -40,6 +44,9 @@ from routemem.train.optim import make_optimizer
 from routemem.train.supervised import fit_steps
 
 ARMS = ("dense", "coupled", "frozen")
+TOPICS = "topics"  # the synthetic task's name where a corpus name goes
+PROBE_WINDOWS = 16  # validation windows the slow share is measured on (4 gave visibly noisy curves)
+VAL_SEED = 10**6  # the topic task's validation sequences
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,17 @@ class Setting:
     # 31 tokens back, which covers the last complete block, so the slow path has little to add
     # (pilot, 5M tokens, seed 0: coupled - dense = -0.006 nats at window 16, -0.040 at window 4).
     control_window: int = 4
+    # The decisive control: topic sequences (data/topics.py) where one token says little and a pooled
+    # block names the topic; a 1-token fast window, so only the slow path sees past the current token.
+    topic_vocab: int = 64
+    topic_count: int = 16
+    topic_size: int = 32
+    topic_window: int = 1
+    # Small batches, many steps: the slow path's signal passes through g = 0 and four small-init
+    # matrices, and leaving that plateau takes steps, not tokens (pilot, seed 0: no gain after 244
+    # steps of 16 sequences; 0.15 nats after 1220; 0.22 after 1953 steps of 4 sequences).
+    topic_tokens: int = 4_000_000
+    topic_batch_size: int = 4
     seeds: tuple[int, ...] = (0, 1, 2)
     val_tokens: int = 65_536  # final validation loss
     curve_points: int = 10  # validation evaluations along each run
@@ -65,8 +83,8 @@ class Setting:
     cost_rounds: int = 3
     bf16: bool = True
 
-    def steps(self, tokens: int) -> int:
-        return max(1, tokens // (self.batch_size * self.seq_len))
+    def steps(self, tokens: int, batch_size: int | None = None) -> int:
+        return max(1, tokens // ((batch_size or self.batch_size) * self.seq_len))
 
     @property
     def control_budget(self) -> int:
@@ -74,7 +92,7 @@ class Setting:
 
 
 FULL = Setting()
-QUICK = replace(FULL, d_model=64, seq_len=128, batch_size=8, budgets=(100_000, 400_000), seeds=(0, 1),
+QUICK = replace(FULL, d_model=64, seq_len=128, batch_size=8, budgets=(100_000, 400_000), seeds=(0, 1), topic_tokens=300_000,
                 val_tokens=16_384, curve_points=5, curve_tokens=4_096, cost_steps=5, cost_rounds=2)
 
 
@@ -134,34 +152,88 @@ def slow_share(model: TransformerLM, inputs: torch.Tensor) -> list[float]:
     return shares
 
 
+# --- the two tasks: text, and synthetic topic sequences ---------------------------------------
+
+
+@dataclass
+class Task:
+    """What a run trains and is scored on: ``batch_at(step)`` -> (inputs, targets) on the CPU,
+    ``val_loss(model, max_tokens, bf16)``, and a fixed validation batch for the slow share."""
+
+    batch_at: object
+    val_loss: object
+    probe: torch.Tensor
+
+
+def text_task(setting: Setting, corpus: str, data_dir: str | None, seed: int) -> Task:
+    data = cached_splits(corpus, data_dir)["splits"]
+    sampler = WindowSampler(data["train"], setting.seq_len, seed=seed, name="train")
+
+    def val_loss(model, max_tokens: int, bf16: bool) -> float:
+        return evaluate(model, data["val"], seq_len=setting.seq_len, batch_size=setting.batch_size,
+                        max_tokens=max_tokens, device=device_of(model), bf16=bf16)["loss"]
+
+    probe = torch.as_tensor(np.asarray(data["val"][: setting.seq_len * PROBE_WINDOWS], dtype=np.int64))
+    return Task(lambda step: sampler.get_batch(step, setting.batch_size), val_loss, probe.view(PROBE_WINDOWS, -1))
+
+
+def topic_task(setting: Setting, seed: int) -> Task:
+    subsets = topic_subsets(setting.topic_vocab, setting.topic_count, setting.topic_size)
+
+    def sequences(n: int, draw_seed: int) -> torch.Tensor:
+        return torch.from_numpy(topic_sequences(n, setting.seq_len + 1, subsets, draw_seed)[0])
+
+    val = sequences(setting.val_tokens // setting.seq_len, VAL_SEED)  # the same for every run
+
+    def batch_at(step: int):
+        batch = sequences(setting.topic_batch_size, 1_000_003 * (seed + 1) + step)
+        return batch[:, :-1], batch[:, 1:]
+
+    @torch.no_grad()
+    def val_loss(model, max_tokens: int, bf16: bool) -> float:
+        rows = val[: max(1, max_tokens // setting.seq_len)].to(device_of(model))
+        was_training = model.training
+        model.eval()
+        total = 0.0
+        for chunk in rows.split(setting.batch_size):
+            with autocast_context(device_of(model), bf16):
+                logits = model(chunk[:, :-1])
+            total += F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
+        model.train(was_training)
+        return total / (len(rows) * setting.seq_len)
+
+    return Task(batch_at, val_loss, val[:PROBE_WINDOWS, :-1])
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 # --- one training run ------------------------------------------------------------------------
 
 
 def train_one(setting: Setting, arm: str, tokens: int, window: int | None, seed: int, corpus: str,
               data_dir: str | None, device: str = "cpu") -> dict:
-    """Train one model for ``tokens`` training tokens; validation loss along the way and at the
-    end, the gate's statistics every ``gate_every`` steps, and the slow path's share at the end.
-    Built on the CPU (the same initial weights on every device), then moved."""
+    """Train one model for ``tokens`` training tokens of ``corpus`` (or of topic sequences when
+    ``corpus`` is ``TOPICS``); validation loss along the way and at the end, the gate's
+    statistics every ``gate_every`` steps, and the slow path's share. Built on the CPU (the same
+    initial weights on every device), then moved."""
     start = time.perf_counter()
     device = torch.device(device)
-    data = cached_splits(corpus, data_dir)["splits"]
+    task = topic_task(setting, seed) if corpus == TOPICS else text_task(setting, corpus, data_dir, seed)
     torch.manual_seed(seed)
     model = TransformerLM(model_config(setting, arm, window)).to(device)
-    steps = setting.steps(tokens)
+    batch_size = setting.topic_batch_size if corpus == TOPICS else setting.batch_size
+    steps = setting.steps(tokens, batch_size)
     bf16 = use_bf16(setting.bf16, device)
-    cfg = TrainConfig(batch_size=setting.batch_size, max_steps=steps, lr=setting.lr, min_lr=setting.lr / 10,
+    cfg = TrainConfig(batch_size=batch_size, max_steps=steps, lr=setting.lr, min_lr=setting.lr / 10,
                       warmup_steps=max(1, steps // 20), weight_decay=0.1, seed=seed)
-    sampler = WindowSampler(data["train"], setting.seq_len, seed=seed, name="train")
     curve_at = {round(steps * (i + 1) / setting.curve_points) - 1 for i in range(setting.curve_points)}
-    # a fixed validation batch for the slow share (4 windows)
-    probe = torch.as_tensor(np.asarray(data["val"][: setting.seq_len * 4], dtype=np.int64)).view(4, -1).to(device)
-    record = {"arm": arm, "tokens": tokens, "window": window, "seed": seed, "steps": steps,
-              "batch_tokens": setting.batch_size * setting.seq_len, "params": model.num_params(include_embeddings=False),
+    probe = task.probe.to(device)
+    record = {"arm": arm, "task": TOPICS if corpus == TOPICS else "text", "tokens": tokens, "window": window,
+              "seed": seed, "steps": steps, "batch_tokens": batch_size * setting.seq_len,
+              "params": model.num_params(include_embeddings=False),
               "curve": {"step": [], "val_loss": [], "slow_share": []}, "gate_trace": {"step": [], "rms": []}}
-
-    def val_loss(max_tokens: int) -> float:
-        return evaluate(model, data["val"], seq_len=setting.seq_len, batch_size=setting.batch_size,
-                        max_tokens=max_tokens, device=device, bf16=bf16)["loss"]
 
     def after_step(step: int) -> None:
         if arm != "dense" and (step % setting.gate_every == 0 or step == steps - 1):
@@ -169,19 +241,19 @@ def train_one(setting: Setting, arm: str, tokens: int, window: int | None, seed:
             record["gate_trace"]["rms"].append(gate_stats(model)["rms"])
         if step in curve_at:
             record["curve"]["step"].append(step + 1)
-            record["curve"]["val_loss"].append(val_loss(setting.curve_tokens))
+            record["curve"]["val_loss"].append(task.val_loss(model, setting.curve_tokens, bf16))
             record["curve"]["slow_share"].append(slow_share(model, probe) if arm != "dense" else [])
 
-    label = f"{arm}{f'-w{window}' if window else ''} {tokens:,} tokens seed={seed}"
+    label = f"{arm}{f'-w{window}' if window else ''} {record['task']} {tokens:,} tokens seed={seed}"
     train_start = time.perf_counter()
     try:
-        losses = fit_steps(model, lambda step: sampler.get_batch(step, setting.batch_size), cfg, bf16=bf16,
-                           progress=label, after_step=after_step)
+        losses = fit_steps(model, task.batch_at, cfg, bf16=bf16, progress=label, after_step=after_step)
     except TrainingDiverged as err:
         return {**record, "diverged": str(err), "seconds": time.perf_counter() - start}
     train_seconds = time.perf_counter() - train_start
     record.update(
-        metrics={"val_loss": val_loss(setting.val_tokens), "train_loss_final": float(np.mean(losses[-20:]))},
+        metrics={"val_loss": task.val_loss(model, setting.val_tokens, bf16),
+                 "train_loss_final": float(np.mean(losses[-20:]))},
         gate=gate_stats(model),
         slow_share=slow_share(model, probe) if arm != "dense" else [],
         train_seconds=train_seconds,
@@ -237,20 +309,31 @@ def measure_cost(setting: Setting, device: str = "cpu") -> dict:
 # --- the study -------------------------------------------------------------------------------
 
 
-def run_name(arm: str, tokens: int, window: int | None, seed: int) -> str:
-    return f"{arm}{f'-w{window}' if window else ''}-{tokens}-seed{seed}"
+def run_name(arm: str, tokens: int, window: int | None, seed: int, task: str = "text") -> str:
+    return f"{arm}{f'-w{window}' if window else ''}{'-topics' if task == TOPICS else ''}-{tokens}-seed{seed}"
 
 
 def units(setting: Setting, corpus: str, data_dir: str | None, device: torch.device) -> list[Unit]:
-    """The cost measurement, then one unit per run: main arms at every budget, then the control."""
+    """The cost measurement, then one unit per run: main arms at every budget, the text control,
+    the topic control."""
     todo = [Unit("cost", measure_cost, (setting, device.type))]
-    plan = [(arm, tokens, None) for tokens in setting.budgets for arm in ARMS]
-    plan += [(arm, setting.control_budget, setting.control_window) for arm in ARMS]
-    for arm, tokens, window in plan:
+    plan = [(arm, tokens, None, corpus) for tokens in setting.budgets for arm in ARMS]
+    plan += [(arm, setting.control_budget, setting.control_window, corpus) for arm in ARMS]
+    plan += [(arm, setting.topic_tokens, setting.topic_window, TOPICS) for arm in ARMS]
+    for arm, tokens, window, data in plan:
         for seed in setting.seeds:
-            todo.append(Unit(run_name(arm, tokens, window, seed), train_one,
-                             (setting, arm, tokens, window, seed, corpus, data_dir, device.type)))
+            task = TOPICS if data == TOPICS else "text"
+            todo.append(Unit(run_name(arm, tokens, window, seed, task), train_one,
+                             (setting, arm, tokens, window, seed, data, data_dir, device.type)))
     return todo
+
+
+def topic_levels(setting: Setting) -> dict:
+    """The topic task's two reference losses: the best with the topic known, and the best seeing
+    only the current token (what a 1-token window allows without the slow path)."""
+    subsets = topic_subsets(setting.topic_vocab, setting.topic_count, setting.topic_size)
+    return {"topic_known": topic_known_loss(subsets),
+            "one_token": topic_one_token_loss(subsets, setting.topic_vocab)}
 
 
 def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Setting | None = None,
@@ -279,7 +362,8 @@ def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Se
                       "bf16": use_bf16(setting.bf16, execution.device)},
         "data": {"train": corpus, "tokenizer": "bytes", "sha256": {corpus: cached_splits(corpus, data_dir)["sha256"]}},
         "setting": asdict(setting),
-        "claims": fast_slow_claims.claims(setting, runs, cost, theorem),
+        "claims": fast_slow_claims.claims(setting, runs, cost, theorem, topic_levels(setting)),
+        "topic_levels": topic_levels(setting),
         "cost": cost,
         "theorem": theorem,
         "runs": runs,

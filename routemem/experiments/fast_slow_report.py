@@ -13,11 +13,14 @@ from routemem.experiments.fast_slow_claims import COST_RATIO, OPEN_SHARE, finish
 ARMS = ("dense", "coupled", "frozen")
 
 
-def configurations(setting) -> list[tuple[str, int, int | None]]:
-    """(title, training tokens, fast window) of each group of three arms, in report order."""
-    groups = [(f"{tokens:,} tokens", tokens, None) for tokens in setting.budgets]
-    return groups + [(f"control: window {setting.control_window}, {setting.control_budget:,} tokens",
-                      setting.control_budget, setting.control_window)]
+def configurations(setting) -> list[tuple[str, int, int | None, str]]:
+    """(title, training tokens, fast window, task) of each group of three arms, in report order."""
+    groups = [(f"{tokens:,} tokens", tokens, None, "text") for tokens in setting.budgets]
+    return groups + [
+        (f"control: window {setting.control_window}, {setting.control_budget:,} tokens",
+         setting.control_budget, setting.control_window, "text"),
+        (f"topic control: window {setting.topic_window}, {setting.topic_tokens:,} tokens",
+         setting.topic_tokens, setting.topic_window, "topics")]
 
 
 def _stats(values: list[float], digits: int = 3) -> str:
@@ -33,10 +36,10 @@ def _claim_row(claim: dict) -> list:
     return [f"{claim['statement']} (`{claim['id']}`)", number, claim["verdict"], claim["why"]]
 
 
-def _arm_rows(runs: list[dict], tokens: int, window: int | None) -> list[list]:
+def _arm_rows(runs: list[dict], tokens: int, window: int | None, task: str) -> list[list]:
     rows = []
     for arm in ARMS:
-        done = finished(runs, arm, tokens, window)
+        done = finished(runs, arm, tokens, window, task)
         rows.append([arm, len(done), _stats([r["metrics"]["val_loss"] for r in done]),
                      _stats([max(r["gate"]["rms"]) for r in done if r["gate"]["rms"]]),
                      _stats([max(r["slow_share"]) for r in done if r["slow_share"]]),
@@ -74,12 +77,19 @@ def report(results: dict, setting) -> str:
         "",
         f"Val loss in nats per byte on {setting.val_tokens:,} validation tokens (uniform guess: ln 256 = 5.545). "
         "Gate rms: the largest final rms g over layers. Slow share: rms of what the slow path adds over rms "
-        "of the mixer output, largest layer, on 4 validation windows. Tokens/s: training only.",
+        "of the mixer output, largest layer, on 16 validation windows. Tokens/s: training only.",
     ]
-    for title, tokens, window in configurations(setting):
-        lines += ["", f"### {title}", "",
-                  markdown_table(["arm", "runs", "val loss", "gate rms", "slow share", "train tokens/s"],
-                                 _arm_rows(runs, tokens, window))]
+    levels = results["topic_levels"]
+    for title, tokens, window, task in configurations(setting):
+        lines += ["", f"### {title}", ""]
+        if task == "topics":
+            lines += [f"Batches of {setting.topic_batch_size} sequences. "
+                      f"Topic sequences ({setting.topic_count} topics, each {setting.topic_size} of "
+                      f"{setting.topic_vocab} tokens, uniform): the best possible loss is "
+                      f"{levels['topic_known']:.3f} knowing the topic and {levels['one_token']:.3f} seeing only "
+                      "the current token.", ""]
+        lines += [markdown_table(["arm", "runs", "val loss", "gate rms", "slow share", "train tokens/s"],
+                                 _arm_rows(runs, tokens, window, task))]
     step = cost["step_seconds"]
     lines += [
         "",
@@ -119,9 +129,9 @@ def plots(study_dir: Path, setting, runs: list[dict], theorem: dict) -> None:
     colors = {"dense": "tab:gray", "coupled": "tab:blue", "frozen": "tab:orange"}
 
     fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 6.4), squeeze=False)
-    for ax, share_ax, (title, tokens, window) in zip(axes[0], axes[1], groups):
+    for ax, share_ax, (title, tokens, window, task) in zip(axes[0], axes[1], groups):
         for arm in ("coupled", "frozen"):
-            for r in finished(runs, arm, tokens, window):
+            for r in finished(runs, arm, tokens, window, task):
                 rms = np.array(r["gate_trace"]["rms"])
                 for layer in range(rms.shape[1] if rms.ndim == 2 else 0):
                     ax.plot(r["gate_trace"]["step"], rms[:, layer], color=colors[arm], alpha=0.6,
@@ -140,14 +150,14 @@ def plots(study_dir: Path, setting, runs: list[dict], theorem: dict) -> None:
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
-    for ax, (title, tokens, window) in zip(axes[0], groups):
+    for ax, (title, tokens, window, task) in zip(axes[0], groups):
         for arm in ARMS:
-            done = finished(runs, arm, tokens, window)
+            done = finished(runs, arm, tokens, window, task)
             if done:
                 curves = np.array([r["curve"]["val_loss"] for r in done])
                 ax.plot(done[0]["curve"]["step"], curves.mean(0), color=colors[arm], marker="o", ms=3, label=arm)
                 ax.fill_between(done[0]["curve"]["step"], curves.min(0), curves.max(0), color=colors[arm], alpha=0.2)
-        ax.set(title=title, xlabel="step", ylabel="val loss (nats/byte)")
+        ax.set(title=title, xlabel="step", ylabel="val loss (nats/token)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(study_dir / "val_loss.png", dpi=120)
