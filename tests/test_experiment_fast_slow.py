@@ -12,6 +12,7 @@ import torch
 from routemem.cli import main
 from routemem.experiments import fast_slow, fast_slow_claims
 from routemem.experiments.common import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
+from routemem.experiments.fast_slow_tasks import text_task
 
 TINY = replace(fast_slow.QUICK, d_model=32, n_head=2, seq_len=64, block=8, batch_size=4, budgets=(2_048, 4_096),
                control_window=8, val_tokens=1_024, curve_points=2, curve_tokens=512, gate_every=4,
@@ -134,10 +135,9 @@ def test_frozen_arm_keeps_its_slow_path_at_init():
     torch.manual_seed(3)
     model = fast_slow.TransformerLM(fast_slow.model_config(TINY, "frozen", None))
     before = [p.detach().clone() for b in model.blocks for p in b.mixer.slow_parameters()]
-    data = fast_slow.cached_splits("pydocs", None)["splits"]
-    sampler = fast_slow.WindowSampler(data["train"], TINY.seq_len, seed=0)
-    cfg = fast_slow.TrainConfig(batch_size=2, max_steps=3, lr=1e-2, warmup_steps=1)
-    fast_slow.fit_steps(model, lambda step: sampler.get_batch(step, 2), cfg)
+    task = text_task(TINY, "pydocs", None, seed=0)
+    cfg = fast_slow.TrainConfig(batch_size=TINY.batch_size, max_steps=3, lr=1e-2, warmup_steps=1)
+    fast_slow.fit_steps(model, task.batch_at, cfg)
     after = [p for b in model.blocks for p in b.mixer.slow_parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert any(b.mixer.gate.abs().max() > 0 for b in model.blocks)

@@ -9,18 +9,18 @@ batches per seed):
     frozen     fast_slow with the slow path and phi frozen at init (only the gate trains)
 
 Budgets: the paper's 500k training tokens and 10x that. Positive control (ours): the same three
-arms with the fast path limited to a 16-token window, at the long budget; there the slow path is
-the only channel to anything further back, so a working layer should open its gate and beat the
-other two. A second, decisive control trains the three arms on synthetic topic sequences
-(data/topics.py) with a 1-token fast window: there the slow path is worth ~0.6 nats by
-construction, so a layer that cannot show it is broken. Plus a cost measurement (training-step time of coupled vs dense, one process,
-interleaved) and the paper's theorem checked numerically (experiments/fast_slow_theorem.py).
-The claims' rules are in experiments/fast_slow_claims.py, fixed before any run.
+arms with the fast path limited to a short window (``control_window``), at the long budget; there
+the slow path is the only channel to anything further back, so a working layer should open its
+gate and beat the other two. A second, decisive control trains the three arms on synthetic topic
+sequences (data/topics.py) with a 1-token fast window: there the slow path is worth ~0.6 nats by
+construction, so a layer that cannot show it is broken. Plus a cost measurement (training-step
+time of coupled vs dense, one process, interleaved) and the paper's theorem checked numerically
+(experiments/fast_slow_theorem.py). The claims' rules are in experiments/fast_slow_claims.py,
+fixed before the full run; the data each run trains on is in experiments/fast_slow_tasks.py.
 """
 
 from __future__ import annotations
 
-import functools
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -28,25 +28,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from routemem.data import ByteTokenizer, WindowSampler, load_corpus, load_splits
-from routemem.data.topics import topic_known_loss, topic_one_token_loss, topic_subsets, topic_sequences
-from routemem.errors import DataError, TrainingDiverged
+from routemem.errors import TrainingDiverged
 from routemem.experiments import fast_slow_claims, fast_slow_report, fast_slow_theorem
 from routemem.experiments.common import RunCache, use_bf16, write_outputs
+from routemem.experiments.fast_slow_tasks import (
+    TOPICS,
+    cached_splits,
+    default_corpus,
+    text_task,
+    topic_levels,
+    topic_task,
+)
 from routemem.experiments.runner import Execution, Unit, run_units
 from routemem.machine import machine_header
 from routemem.models import LMConfig, TransformerLM
 from routemem.train.config import TrainConfig
-from routemem.train.evaluate import autocast_context, evaluate
+from routemem.train.evaluate import autocast_context
 from routemem.train.optim import make_optimizer
 from routemem.train.supervised import fit_steps
 
 ARMS = ("dense", "coupled", "frozen")
-TOPICS = "topics"  # the synthetic task's name where a corpus name goes
-PROBE_WINDOWS = 16  # validation windows the slow share is measured on (4 gave visibly noisy curves)
-VAL_SEED = 10**6  # the topic task's validation sequences
 
 
 @dataclass(frozen=True)
@@ -92,27 +94,11 @@ class Setting:
 
 
 FULL = Setting()
-QUICK = replace(FULL, d_model=64, seq_len=128, batch_size=8, budgets=(100_000, 400_000), seeds=(0, 1), topic_tokens=300_000,
-                val_tokens=16_384, curve_points=5, curve_tokens=4_096, cost_steps=5, cost_rounds=2)
+QUICK = replace(FULL, d_model=64, seq_len=128, batch_size=8, budgets=(100_000, 400_000), seeds=(0, 1),
+                topic_tokens=300_000, val_tokens=16_384, curve_points=5, curve_tokens=4_096, cost_steps=5, cost_rounds=2)
 
 
 # --- data and models -------------------------------------------------------------------------
-
-
-def default_corpus(data_dir: str | None) -> str:
-    """The paper's corpus when the data folder has it, else the built-in one (runs anywhere)."""
-    try:
-        load_corpus("shakespeare", data_dir)
-    except DataError:
-        return "pydocs"
-    return "shakespeare"
-
-
-@functools.lru_cache(maxsize=2)
-def cached_splits(corpus: str, data_dir: str | None) -> dict:
-    """Byte-level train/val/test splits, once per process (a worker runs several units)."""
-    loaded = load_corpus(corpus, data_dir)
-    return {"splits": load_splits(loaded, ByteTokenizer()), "sha256": loaded.sha256}
 
 
 def model_config(setting: Setting, arm: str, window: int | None) -> LMConfig:
@@ -150,63 +136,6 @@ def slow_share(model: TransformerLM, inputs: torch.Tensor) -> list[float]:
         fast = mixer.fast(x)
         shares.append(float((out - fast).float().pow(2).mean().sqrt() / out.float().pow(2).mean().sqrt()))
     return shares
-
-
-# --- the two tasks: text, and synthetic topic sequences ---------------------------------------
-
-
-@dataclass
-class Task:
-    """What a run trains and is scored on: ``batch_at(step)`` -> (inputs, targets) on the CPU,
-    ``val_loss(model, max_tokens, bf16)``, and a fixed validation batch for the slow share."""
-
-    batch_at: object
-    val_loss: object
-    probe: torch.Tensor
-
-
-def text_task(setting: Setting, corpus: str, data_dir: str | None, seed: int) -> Task:
-    data = cached_splits(corpus, data_dir)["splits"]
-    sampler = WindowSampler(data["train"], setting.seq_len, seed=seed, name="train")
-
-    def val_loss(model, max_tokens: int, bf16: bool) -> float:
-        return evaluate(model, data["val"], seq_len=setting.seq_len, batch_size=setting.batch_size,
-                        max_tokens=max_tokens, device=device_of(model), bf16=bf16)["loss"]
-
-    probe = torch.as_tensor(np.asarray(data["val"][: setting.seq_len * PROBE_WINDOWS], dtype=np.int64))
-    return Task(lambda step: sampler.get_batch(step, setting.batch_size), val_loss, probe.view(PROBE_WINDOWS, -1))
-
-
-def topic_task(setting: Setting, seed: int) -> Task:
-    subsets = topic_subsets(setting.topic_vocab, setting.topic_count, setting.topic_size)
-
-    def sequences(n: int, draw_seed: int) -> torch.Tensor:
-        return torch.from_numpy(topic_sequences(n, setting.seq_len + 1, subsets, draw_seed)[0])
-
-    val = sequences(setting.val_tokens // setting.seq_len, VAL_SEED)  # the same for every run
-
-    def batch_at(step: int):
-        batch = sequences(setting.topic_batch_size, 1_000_003 * (seed + 1) + step)
-        return batch[:, :-1], batch[:, 1:]
-
-    @torch.no_grad()
-    def val_loss(model, max_tokens: int, bf16: bool) -> float:
-        rows = val[: max(1, max_tokens // setting.seq_len)].to(device_of(model))
-        was_training = model.training
-        model.eval()
-        total = 0.0
-        for chunk in rows.split(setting.batch_size):
-            with autocast_context(device_of(model), bf16):
-                logits = model(chunk[:, :-1])
-            total += F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
-        model.train(was_training)
-        return total / (len(rows) * setting.seq_len)
-
-    return Task(batch_at, val_loss, val[:PROBE_WINDOWS, :-1])
-
-
-def device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 # --- one training run ------------------------------------------------------------------------
@@ -326,14 +255,6 @@ def units(setting: Setting, corpus: str, data_dir: str | None, device: torch.dev
             todo.append(Unit(run_name(arm, tokens, window, seed, task), train_one,
                              (setting, arm, tokens, window, seed, data, data_dir, device.type)))
     return todo
-
-
-def topic_levels(setting: Setting) -> dict:
-    """The topic task's two reference losses: the best with the topic known, and the best seeing
-    only the current token (what a 1-token window allows without the slow path)."""
-    subsets = topic_subsets(setting.topic_vocab, setting.topic_count, setting.topic_size)
-    return {"topic_known": topic_known_loss(subsets),
-            "one_token": topic_one_token_loss(subsets, setting.topic_vocab)}
 
 
 def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Setting | None = None,
