@@ -11,6 +11,17 @@ from routemem.layers.registry import LayerSpec, register_mixer
 from routemem.layers.rope import apply_rope, rope_tables
 
 
+def split_qkv(projected: torch.Tensor, n_head: int, head_dim: int, rope: tuple | None, start: int):
+    """A fused q|k|v projection [B, T, 3 * H * Dh] -> q, k, v [B, T, H, Dh]; with ``rope`` = (cos, sin)
+    tables, q and k are rotated for positions start .. start + T - 1."""
+    B, T, _ = projected.shape
+    q, k, v = projected.view(B, T, 3, n_head, head_dim).unbind(dim=2)
+    if rope is not None:
+        cos, sin = rope[0][start : start + T], rope[1][start : start + T]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return q, k, v
+
+
 @register_mixer("attention")
 class CausalSelfAttention(nn.Module):
     """``window=None`` is full causal attention; ``window=w`` lets token t see t-w+1 .. t."""
@@ -35,12 +46,8 @@ class CausalSelfAttention(nn.Module):
 
     def _heads(self, x: torch.Tensor, start: int):
         """[B, T, D] -> q, k, v as [B, T, H, Dh], RoPE applied at positions start..start+T-1."""
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(dim=2)
-        if self.use_rope:
-            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return q, k, v
+        rope = (self.rope_cos, self.rope_sin) if self.use_rope else None
+        return split_qkv(self.qkv(x), self.n_head, self.head_dim, rope, start)
 
     def _window_mask(self, T: int, device) -> torch.Tensor:
         i = torch.arange(T, device=device)

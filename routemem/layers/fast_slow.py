@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from routemem.errors import ConfigError
-from routemem.layers.attention import CausalSelfAttention
+from routemem.layers.attention import CausalSelfAttention, split_qkv
 from routemem.layers.options import check_choice, check_int
 from routemem.layers.registry import LayerSpec, register_mixer
-from routemem.layers.rope import apply_rope, rope_tables
+from routemem.layers.rope import rope_tables
 from routemem.ops.block_pool import block_broadcast, block_causal_attention, causal_block_pool
 
 GATES = ("vector", "scalar", "tanh")  # g = w (per channel) | w (one number) | tanh(w) (per channel)
@@ -84,12 +84,8 @@ class FastSlowAttention(nn.Module):
     # -- the slow path --------------------------------------------------------------------------
     def _slow_heads(self, u: torch.Tensor, start: int):
         """Block means [B, N, D] -> q, k, v [B, N, H, Dh], RoPE at block positions start .. start+N-1."""
-        B, N, _ = u.shape
-        q, k, v = self.slow_qkv(u).view(B, N, 3, self.slow_heads, self.slow_head_dim).unbind(dim=2)
-        if self.use_rope:
-            cos, sin = self.rope_cos[start : start + N], self.rope_sin[start : start + N]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return q, k, v
+        rope = (self.rope_cos, self.rope_sin) if self.use_rope else None
+        return split_qkv(self.slow_qkv(u), self.slow_heads, self.slow_head_dim, rope, start)
 
     def _message(self, y: torch.Tensor) -> torch.Tensor:
         """Slow attention output [B, N, H, Dh] -> phi(y) [B, N, D], computed once per block."""
