@@ -56,8 +56,9 @@ def report(results: dict, setting) -> str:
         f"Byte-level LMs on `{results['data']['train']}`: {setting.n_layer} layers, d_model {setting.d_model}, "
         f"{setting.n_head} heads, context {setting.seq_len}, block P = {setting.block} (eps = 1/{setting.block}), "
         f"batch {setting.batch_size}, lr {setting.lr:g} (warmup + cosine), seeds {list(setting.seeds)}. "
-        f"Total {results['seconds'] / 60:.1f} min on {where_trained(results)}"
-        + (", bf16 autocast." if results["execution"].get("bf16") else ", float32."),
+        f"The runs took {sum(r.get('seconds', 0.0) for r in runs) / 60:.0f} min of training; this invocation "
+        f"{results['seconds'] / 60:.1f} min ({results['runs_reused']} runs reused from the cache), on "
+        f"{where_trained(results)}" + (", bf16 autocast." if results["execution"].get("bf16") else ", float32."),
         "",
         *(["Quick mode is a smoke test of the whole pipeline: its budgets are far too small to decide the "
             "claims; the full run decides them.", ""] if results["mode"] == "quick" else []),
