@@ -1,4 +1,4 @@
-"""The fast-slow study's five claims and the rules that decide them, fixed before the full run.
+"""The fast-slow study's six claims and the rules that decide them, fixed before the full run.
 
 Whether the gate is open is judged by what it lets through, not by g alone: the *slow share* of a
 layer is rms(g * message) / rms(mixer output) on validation text, and a run's share is its
