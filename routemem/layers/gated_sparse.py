@@ -1,0 +1,236 @@
+"""Gated sparse attention (routing absorption, arXiv 2603.02227): causal multi-head attention whose
+keys are weighted or chosen by a per-head low-rank gate s_ij = (A x_i) . (B x_j) / sqrt(r).
+
+Options (``mixer_kwargs``):
+    gate     "learned" | "random" (A, B frozen at their initial values) | "none" (no gate: plain
+             causal attention, no gate parameters)
+    mode     "soft" (logits += log sigmoid(s / tau)) | "hard" (each query keeps its k best keys by
+             gate score; the gate gets exactly zero gradient). "hard" needs a gate.
+    k        keys per query for hard mode, random masks and the oracle. None means
+             max(1, max_seq_len // 8): fixed at construction, so the parallel form and step() keep
+             the same k, and it is T / 8 at the full context.
+    rank, tau   the gate's rank r and the soft temperature.
+    mask_randomisation   p in [0, 1]: each training forward draws u = torch.rand(()) from the global
+             CPU generator and, if u < p, the whole batch attends with ``random_causal_mask(B, H, T,
+             k)`` (drawn next from the same generator) instead of the gate. p = 0 draws nothing.
+             Eval mode and step() never randomise.
+    deploy   which path eval mode and step() use: "gate" (the gate as in training), "dense" (plain
+             causal attention, the gate ignored) or "oracle" (each query's k keys of highest dense
+             attention probability in this layer, ``oracle_mask(attention_probs(q, k), k)``).
+             Training always uses the gate (or a random mask). ``set_deploy`` switches it later.
+
+Attention-probability dropout is not applied (the block's residual dropout is). A and B start at
+N(0, 1 / d_model) so that the scores have unit scale: at the model's 0.02 init they would be ~0.05,
+and a frozen random soft gate would be the constant log sigmoid(0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from routemem.errors import ConfigError
+from routemem.layers.attention import split_qkv
+from routemem.layers.options import check_choice, check_int, check_positive
+from routemem.layers.registry import LayerSpec, register_mixer
+from routemem.layers.rope import rope_tables
+from routemem.ops.gated_sparse import attention_probs, gate_scores, gated_attention, oracle_mask, random_causal_mask
+from routemem.ops.gated_sparse.selection import topk_mask
+
+GATES, MODES, DEPLOYS = ("learned", "random", "none"), ("soft", "hard"), ("gate", "dense", "oracle")
+
+
+@register_mixer("gated_sparse")
+class GatedSparseAttention(nn.Module):
+    """Options in the module docstring. ``track_stats`` (attribute, default False): when True each
+    forward also measures, under no_grad, what ``metrics()`` reports (a T x T map per head)."""
+
+    def __init__(self, spec: LayerSpec, gate: str = "learned", mode: str = "soft", k: int | None = None,
+                 rank: int = 16, tau: float = 1.0, mask_randomisation: float = 0.0, deploy: str = "gate",
+                 bias: bool = False):
+        super().__init__()
+        owner = "mixer 'gated_sparse'"
+        self.gate = check_choice(owner, "gate", gate, GATES)
+        self.mode = check_choice(owner, "mode", mode, MODES)
+        if mode == "hard" and gate == "none":
+            raise ConfigError(f"{owner}: mode 'hard' needs a gate to rank the keys (gate 'learned' or 'random'), got gate 'none'")
+        self.k = max(1, spec.max_seq_len // 8) if k is None else check_int(owner, "k", k)
+        self.rank = check_int(owner, "rank", rank)
+        self.tau = check_positive(owner, "tau", tau)
+        if isinstance(mask_randomisation, bool) or not isinstance(mask_randomisation, (int, float)) \
+                or not 0 <= mask_randomisation <= 1:
+            raise ConfigError(f"{owner}: mask_randomisation must be a number in [0, 1], got {mask_randomisation!r}")
+        self.p_random = float(mask_randomisation)
+        self.set_deploy(deploy)
+        if spec.d_model % spec.n_head:
+            raise ConfigError(f"{owner}: d_model={spec.d_model} is not divisible by n_head={spec.n_head}")
+        self.n_head, self.head_dim = spec.n_head, spec.d_model // spec.n_head
+        self.max_seq_len = spec.max_seq_len
+        self.qkv = nn.Linear(spec.d_model, 3 * spec.d_model, bias=bias)
+        self.out = nn.Linear(spec.d_model, spec.d_model, bias=bias)
+        if self.gate != "none":
+            self.gate_q = nn.Linear(spec.d_model, self.n_head * self.rank, bias=False)  # A
+            self.gate_k = nn.Linear(spec.d_model, self.n_head * self.rank, bias=False)  # B
+            self._init_weights()
+            if self.gate == "random":
+                for param in (self.gate_q.weight, self.gate_k.weight):
+                    param.requires_grad_(False)
+        self.use_rope = spec.pos == "rope"
+        if self.use_rope:
+            cos, sin = rope_tables(spec.max_seq_len, self.head_dim)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.track_stats = False
+        self.last_path: str | None = None  # which path the last forward took (for tests and logs)
+        self._stats: dict[str, float] = {}
+
+    def set_deploy(self, deploy: str) -> None:
+        self.deploy = check_choice("mixer 'gated_sparse'", "deploy", deploy, DEPLOYS)
+
+    def _init_weights(self) -> None:
+        if self.gate != "none":
+            with torch.no_grad():
+                for linear in (self.gate_q, self.gate_k):
+                    linear.weight.normal_(0.0, linear.in_features ** -0.5)
+
+    def residual_weights(self) -> list[nn.Parameter]:
+        return [self.out.weight]  # not the gate's B, which is the last nn.Linear registered
+
+    # -- the pieces -----------------------------------------------------------------------------
+    def _heads(self, x: torch.Tensor, start: int):
+        rope = (self.rope_cos, self.rope_sin) if self.use_rope else None
+        return split_qkv(self.qkv(x), self.n_head, self.head_dim, rope, start)
+
+    def _gate_heads(self, x: torch.Tensor):
+        """x [B, T, D] -> gq, gk [B, T, H, r]."""
+        B, T, _ = x.shape
+        return (self.gate_q(x).view(B, T, self.n_head, self.rank),
+                self.gate_k(x).view(B, T, self.n_head, self.rank))
+
+    def _path(self) -> str:
+        """"dense" | "soft" | "hard" | "oracle" | "random" for this forward (module docstring)."""
+        gated = "dense" if self.gate == "none" else self.mode
+        if self.training:
+            if self.p_random > 0 and float(torch.rand(())) < self.p_random:
+                return "random"
+            return gated
+        return {"gate": gated, "dense": "dense", "oracle": "oracle"}[self.deploy]
+
+    def maps(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """x [B, T, D] -> (gate scores or None, dense attention probabilities), both [B, H, T, T]:
+        what gate distillation and its F1 against the oracle read."""
+        q, k, _ = self._heads(x, 0)
+        scores = gate_scores(*self._gate_heads(x)) if self.gate != "none" else None
+        return scores, attention_probs(q, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self._heads(x, 0)
+        path = self.last_path = self._path()
+        scores = gate_scores(*self._gate_heads(x)) if self.gate != "none" and path in ("soft", "hard") else None
+        if path == "soft":
+            y = gated_attention(q, k, v, gating="soft", gate_scores=scores, tau=self.tau)
+        elif path == "hard":
+            y = gated_attention(q, k, v, gating="hard", gate_scores=scores, top_k=self.k)
+        elif path == "oracle":
+            with torch.no_grad():  # a mask: integers only, nothing to differentiate
+                mask = oracle_mask(attention_probs(q, k), self.k)
+            y = gated_attention(q, k, v, gating="mask", mask=mask)
+        elif path == "random":
+            y = gated_attention(q, k, v, gating="mask", mask=random_causal_mask(B, self.n_head, T, self.k, device=x.device))
+        else:
+            y = gated_attention(q, k, v)
+        if self.track_stats:
+            self._measure(x, q, k, scores)
+        return self.out(y.reshape(B, T, D))
+
+    # -- token-by-token decoding with a KV cache (and the gate's keys) ---------------------------
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
+        empty = torch.zeros(batch_size, self.n_head, 0, self.head_dim, device=device, dtype=dtype)
+        gate_keys = torch.zeros(batch_size, self.n_head, 0, self.rank, device=device, dtype=dtype)
+        return {"k": empty, "v": empty.clone(), "gk": gate_keys, "pos": 0}
+
+    def step(self, x_t: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, dict]:
+        """x_t [B, D] -> (y_t [B, D], state): the deployment path, as forward in eval mode. Query t
+        sees keys 0..t in both forms, so its soft bias, gate top-k and oracle top-k (ties to the
+        lower key index, a stable sort as in the ops) are the same as in the parallel form."""
+        B, D = x_t.shape
+        if state is None:
+            state = self.init_state(B, x_t.device, x_t.dtype)
+        q, k, v = (t.transpose(1, 2) for t in self._heads(x_t[:, None], state["pos"]))  # [B, H, 1, Dh]
+        keys = torch.cat([state["k"], k.to(state["k"].dtype)], dim=2).to(q.dtype)
+        values = torch.cat([state["v"], v.to(state["v"].dtype)], dim=2).to(q.dtype)
+        gate_keys = state["gk"]
+        path = {"gate": "dense" if self.gate == "none" else self.mode, "dense": "dense", "oracle": "oracle"}[self.deploy]
+        logits = q @ keys.transpose(-1, -2) * self.head_dim ** -0.5  # [B, H, 1, t + 1]
+        if self.gate != "none":
+            gq, gk = (t.transpose(1, 2) for t in self._gate_heads(x_t[:, None]))  # [B, H, 1, r]
+            gate_keys = torch.cat([gate_keys, gk.to(gate_keys.dtype)], dim=2)
+            s = gq @ gate_keys.to(gq.dtype).transpose(-1, -2) / math.sqrt(self.rank)
+            if path == "soft":
+                logits = logits + F.logsigmoid(s / self.tau)
+            elif path == "hard":
+                logits = logits.masked_fill(~_top_k_row(s, self.k), float("-inf"))
+        if path == "oracle":
+            logits = logits.masked_fill(~_top_k_row(logits.softmax(dim=-1), self.k), float("-inf"))
+        y = logits.softmax(dim=-1) @ values
+        y = self.out(y.transpose(1, 2).reshape(B, D))
+        return y, {"k": keys.to(state["k"].dtype), "v": values.to(state["v"].dtype), "gk": gate_keys,
+                   "pos": state["pos"] + 1}
+
+    # -- statistics and accounting --------------------------------------------------------------
+    @torch.no_grad()
+    def _measure(self, x, q, k, scores) -> None:
+        """Concentration: the mean share of dense attention mass in each query's top k keys, over
+        the queries with more than k causal keys (i >= k; 1.0 when T <= k, every key is kept).
+        With a gate: the rms of its causal scores, the mean sigmoid(s / tau), and the F1 (overlap
+        share) of its top-k key set with the oracle's, over the same queries."""
+        probs = attention_probs(q.detach(), k.detach()).float()
+        T = probs.shape[-1]
+        rows = slice(self.k, None) if T > self.k else slice(0, T)
+        oracle = oracle_mask(probs, self.k)
+        stats = {"concentration": float((probs * oracle).sum(-1)[..., rows].mean())}
+        if self.gate != "none":
+            s = (scores if scores is not None else gate_scores(*self._gate_heads(x))).detach().float()
+            causal = torch.ones(T, T, dtype=torch.bool, device=s.device).tril().expand_as(s)
+            picked = topk_mask(s, self.k)
+            stats.update(gate_score_rms=float(s[causal].pow(2).mean().sqrt()),
+                         gate_mean_sigmoid=float(torch.sigmoid(s[causal] / self.tau).mean()),
+                         gate_oracle_f1=float(((picked & oracle).sum(-1) / oracle.sum(-1))[..., rows].mean()))
+        self._stats = stats
+
+    def metrics(self) -> dict[str, float]:
+        """The last tracked forward's statistics (``_measure``; none until ``track_stats`` is set),
+        and, with a gate, the rms of its weights A and B (always; cheap)."""
+        out = dict(self._stats)
+        if self.gate != "none":
+            w = torch.cat([self.gate_q.weight.detach().flatten(), self.gate_k.weight.detach().flatten()]).float()
+            out["gate_weight_rms"] = float(w.pow(2).mean().sqrt())
+        return out
+
+    def extra_flops_per_token(self, seq_len: int) -> float:
+        """Scores and weighted sum (4 d per attended key: (seq_len + 1) / 2 keys on average, or the
+        mean of min(k, i + 1) in hard mode), plus the gate's scoring (2 H r per causal key). This
+        counts the training path; the nn.Linears (A and B included) are counted by the model."""
+        context = (seq_len + 1) / 2
+        d = self.n_head * self.head_dim
+        if self.gate == "none":
+            return 4.0 * d * context
+        kept = sum(min(self.k, i + 1) for i in range(seq_len)) / seq_len if self.mode == "hard" else context
+        return 4.0 * d * kept + 2.0 * self.n_head * self.rank * context
+
+    def state_size(self, seq_len: int | None = None) -> int:
+        """Floats per sequence: the KV cache and, with a gate, its keys B x_j (H r per token)."""
+        length = seq_len if seq_len is not None else self.max_seq_len
+        gate = self.n_head * self.rank if self.gate != "none" else 0
+        return (2 * self.n_head * self.head_dim + gate) * length
+
+
+def _top_k_row(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """scores [..., n] (one query's causal keys) -> bool [..., n]: its top_k keys, ties to the lower
+    key index (a stable descending sort, the ops' rule)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :top_k]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, True)
