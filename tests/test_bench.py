@@ -349,3 +349,13 @@ def test_bench_help_lists_every_suite_with_what_it_measures(capsys):
     for name, what in SUITES.items():
         assert any(line.split() == [name, *what.split()] for line in out.splitlines()), name
     assert "--device" in out and "docs/benchmarks.md" in out
+
+
+def test_interleaved_runs_take_turns_and_keep_every_timed_call():
+    from routemem.bench.common import interleaved_runs
+
+    calls = []
+    timers = {"a": (lambda: calls.append("a"), 2), "b": (lambda: calls.append("b"), 1)}
+    runs = interleaved_runs(timers, rounds=2, warmup=1)
+    assert calls == ["a", "a", "a", "b", "b", "a", "a", "a", "b", "b"]  # warm-up, then the repeats, in turn
+    assert [len(runs["a"]), len(runs["b"])] == [4, 2] and all(t >= 0 for t in runs["a"] + runs["b"])

@@ -30,11 +30,10 @@ from routemem.bench.common import (
     FWD,
     FWD_BWD,
     all_met,
-    cuda_peak_bytes,
-    median_seconds,
+    backward_memory,
+    interleaved_runs,
     memory_measure,
     row,
-    saved_bytes,
     target,
 )
 from routemem.layers.apn import AttractorPatchFFN
@@ -210,12 +209,9 @@ def _once(forward, x: torch.Tensor, params: list, backward: bool, grad: torch.Te
 
 
 def _memory(forward, x: torch.Tensor, params: list, backward: bool, grad: torch.Tensor) -> int | None:
-    if x.device.type == "cuda":
-        return cuda_peak_bytes(_once(forward, x, params, backward, grad), x.device)
-    if not backward:
-        return None  # under no_grad autograd saves nothing
     leaf = x.detach().requires_grad_()
-    return saved_bytes(lambda: forward(leaf), [leaf, *params])
+    return backward_memory(_once(forward, x, params, backward, grad), lambda: forward(leaf), [leaf, *params],
+                           backward, x.device)
 
 
 def _routing_info(apn: AttractorPatchFFN, z: torch.Tensor) -> dict:
@@ -251,13 +247,9 @@ def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
     repeats = {"repeats": REPEATS[key], "reference": REFERENCE_REPEATS[key]}
     directions = ((FWD, False), (FWD_BWD, True))
 
-    runs = {(name, direction): [] for name in measured for direction, _ in directions}
-    for _ in range(ROUNDS[key]):  # every variant in turn, so drift in machine load hits all alike
-        for name, (_, forward, params, rep, _) in measured.items():
-            for direction, backward in directions:
-                timed = median_seconds(_once(forward, z, params, backward, grad), repeats=repeats[rep],
-                                       warmup=1, device=device)
-                runs[name, direction] += timed["runs_s"]
+    runs = interleaved_runs({(name, direction): (_once(forward, z, params, backward, grad), repeats[rep])
+                             for name, (_, forward, params, rep, _) in measured.items()
+                             for direction, backward in directions}, ROUNDS[key], device=device)
 
     shape = {"tokens": TOKENS, "d": D, "n_patches": K, "rank": R, "top_k": TOP_K}
     rows = []

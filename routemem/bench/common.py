@@ -44,6 +44,29 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,
     return {"median_s": statistics.median(times), "runs_s": times}
 
 
+def interleaved_runs(timers: dict, rounds: int, warmup: int = 1,
+                     device: torch.device | str = "cpu") -> dict[object, list[float]]:
+    """``timers``: key -> (fn, repeats). Time every fn in turn, ``rounds`` times over, so drift in
+    the machine's load hits all of them alike; key -> the seconds of every timed call."""
+    runs: dict[object, list[float]] = {key: [] for key in timers}
+    for _ in range(rounds):
+        for key, (fn, repeats) in timers.items():
+            runs[key] += median_seconds(fn, repeats=repeats, warmup=warmup, device=device)["runs_s"]
+    return runs
+
+
+def backward_memory(call: Callable[[], object], forward: Callable[[], object], exclude: Iterable[torch.Tensor],
+                    backward: bool, device: torch.device | str) -> int | None:
+    """A row's memory: on a GPU the peak while ``call()`` (one timed call) runs; on a CPU the bytes
+    autograd keeps for backward while ``forward()`` runs (``saved_bytes``), or None for a forward
+    under no_grad, which keeps nothing."""
+    if torch.device(device).type == "cuda":
+        return cuda_peak_bytes(call, device)
+    if not backward:
+        return None
+    return saved_bytes(forward, exclude)
+
+
 def cuda_peak_bytes(fn: Callable[[], object], device: torch.device | str) -> int:
     """Peak bytes allocated on the GPU while ``fn()`` runs (the counter reset just before)."""
     sync(device)

@@ -25,11 +25,10 @@ from routemem.bench.common import (
     FWD,
     FWD_BWD,
     all_met,
-    cuda_peak_bytes,
-    median_seconds,
+    backward_memory,
+    interleaved_runs,
     memory_measure,
     row,
-    saved_bytes,
     target,
 )
 from routemem.layers import LayerSpec, build_mixer
@@ -93,12 +92,9 @@ def _once(module: torch.nn.Module, x: torch.Tensor, backward: bool, grad: torch.
 
 
 def _memory(module: torch.nn.Module, x: torch.Tensor, backward: bool, grad: torch.Tensor) -> int | None:
-    if x.device.type == "cuda":
-        return cuda_peak_bytes(_once(module, x, backward, grad), x.device)
-    if not backward:
-        return None  # under no_grad autograd saves nothing
     leaf = x.detach().requires_grad_()
-    return saved_bytes(lambda: module(leaf), [leaf, *module.parameters()])
+    return backward_memory(_once(module, x, backward, grad), lambda: module(leaf), [leaf, *module.parameters()],
+                           backward, x.device)
 
 
 def _n_params(module: torch.nn.Module) -> int:
@@ -116,13 +112,9 @@ def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
         x = make_input(T, device)
         grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(SEED + 1)).to(device)
         modules = _build(T, blocks, device)
-        runs = {(name, direction): [] for name in modules for direction, _ in directions}
-        for _ in range(ROUNDS[key]):  # every variant in turn, so drift in machine load hits all alike
-            for name, module in modules.items():
-                for direction, backward in directions:
-                    timed = median_seconds(_once(module, x, backward, grad), repeats=REPEATS[key], warmup=1,
-                                           device=device)
-                    runs[name, direction] += timed["runs_s"]
+        runs = interleaved_runs({(name, direction): (_once(module, x, backward, grad), REPEATS[key])
+                                 for name, module in modules.items() for direction, backward in directions},
+                                ROUNDS[key], device=device)
         for (op, P), module in modules.items():
             names = {"op": op, "mode": "causal" if op == ATTENTION else "coupled", "T": T, "P": P, **SHAPE}
             for direction, backward in directions:

@@ -19,11 +19,10 @@ from routemem.bench.common import (
     FWD,
     FWD_BWD,
     all_met,
-    cuda_peak_bytes,
+    backward_memory,
     median_seconds,
     memory_measure,
     row,
-    saved_bytes,
     target,
 )
 from routemem.ops import gated_delta_rule, gated_linear_attention, metaplastic_attention
@@ -103,12 +102,8 @@ def _call(fn, inputs: dict[str, torch.Tensor], backward: bool):
 
 
 def _memory(fn, inputs: dict[str, torch.Tensor], backward: bool, device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return cuda_peak_bytes(_call(fn, inputs, backward), device)
-    if not backward:
-        return None  # under no_grad autograd saves nothing
     leaves = {name: t.detach().requires_grad_() for name, t in inputs.items()}
-    return saved_bytes(lambda: fn(**leaves), leaves.values())
+    return backward_memory(_call(fn, inputs, backward), lambda: fn(**leaves), leaves.values(), backward, device)
 
 
 def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:

@@ -28,11 +28,10 @@ from routemem.bench.common import (
     FWD,
     FWD_BWD,
     all_met,
-    cuda_peak_bytes,
-    median_seconds,
+    backward_memory,
+    interleaved_runs,
     memory_measure,
     row,
-    saved_bytes,
     target,
 )
 from routemem.ops.gated_sparse import gate_scores, gated_attention, topk_key_indices
@@ -99,12 +98,9 @@ def _once(fn, inputs: dict, backward: bool, grad: torch.Tensor):
 
 
 def _memory(fn, inputs: dict, backward: bool, grad: torch.Tensor, device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return cuda_peak_bytes(_once(fn, inputs, backward, grad), device)
-    if not backward:
-        return None  # under no_grad autograd saves nothing
     leaves = {name: t.detach().requires_grad_() for name, t in inputs.items()}
-    return saved_bytes(lambda: fn(**leaves), leaves.values())
+    return backward_memory(_once(fn, inputs, backward, grad), lambda: fn(**leaves), leaves.values(),
+                           backward, device)
 
 
 def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
@@ -118,13 +114,9 @@ def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
         variants = _variants(T)
         timed_directions = {name: [d for d in directions if d[1] is False or has_bwd]
                             for name, (_, has_bwd) in variants.items()}
-        runs = {(name, direction): [] for name in variants for direction, _ in timed_directions[name]}
-        for _ in range(ROUNDS[key]):  # every variant in turn, so drift in machine load hits all alike
-            for name, (fn, _) in variants.items():
-                for direction, backward in timed_directions[name]:
-                    timed = median_seconds(_once(fn, inputs, backward, grad), repeats=REPEATS[key], warmup=1,
-                                           device=device)
-                    runs[name, direction] += timed["runs_s"]
+        runs = interleaved_runs({(name, direction): (_once(fn, inputs, backward, grad), REPEATS[key])
+                                 for name, (fn, _) in variants.items()
+                                 for direction, backward in timed_directions[name]}, ROUNDS[key], device=device)
         for (op, mode), (fn, _) in variants.items():
             names = {"op": op, "mode": mode, "T": T, "top_k": top_k(T), **SHAPE}
             for direction, backward in timed_directions[op, mode]:
