@@ -256,6 +256,23 @@ def test_sgd_prototypes_learn_by_gradient_not_by_forward():
     assert layer.prototypes.grad is not None and layer.prototypes.grad.abs().max() > 0
 
 
+def test_frozen_prototypes_stay_at_their_random_init_through_training():
+    """prototype_update="frozen" is a random router: neither the gradient nor the EMA pull moves the
+    prototypes, while the patches still learn (the "random routing" arm of the absorption study)."""
+    layer = make(prototype_update="frozen").train()
+    assert not layer.prototypes.requires_grad
+    before = {name: p.detach().clone() for name, p in layer.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):
+        x = torch.randn(2, 5, D)
+        (layer(x) * torch.randn(2, 5, D)).sum().add(layer.aux_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.equal(layer.prototypes.detach(), before["prototypes"])
+    assert torch.allclose(layer.prototypes.norm(dim=-1), torch.ones(SMALL["n_patches"]))  # unit-norm random
+    assert not torch.equal(layer.up.detach(), before["up"])
+
+
 # --- tau, trunk, usage, metrics -------------------------------------------------------------
 
 

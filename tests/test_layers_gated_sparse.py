@@ -108,8 +108,25 @@ def test_gate_none_is_plain_attention(pos):
 
 
 @pytest.mark.parametrize("gate", ["learned", "random"])
-def test_hard_mode_gives_the_gate_exactly_zero_gradient(gate):
-    mixer = layer(gate=gate, mode="hard").train()
+def test_hard_forms_gather_and_mask_agree_in_outputs_and_gradients(gate):
+    """hard_form "mask" (a T x T boolean mask to SDPA) is the same function as "gather"."""
+    x = inputs()
+    outs, grads = {}, {}
+    for form in ("gather", "mask"):
+        mixer = layer(gate=gate, mode="hard", hard_form=form).train()
+        xi = x.clone().requires_grad_()
+        outs[form] = mixer(xi)
+        outs[form].pow(2).sum().backward()
+        grads[form] = (xi.grad, mixer.qkv.weight.grad, mixer.out.weight.grad)
+    torch.testing.assert_close(outs["mask"], outs["gather"], rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads["mask"], grads["gather"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("hard_form", ["gather", "mask"])
+@pytest.mark.parametrize("gate", ["learned", "random"])
+def test_hard_mode_gives_the_gate_exactly_zero_gradient(gate, hard_form):
+    mixer = layer(gate=gate, mode="hard", hard_form=hard_form).train()
     for p in (mixer.gate_q.weight, mixer.gate_k.weight):
         p.requires_grad_(True)  # even a random gate, unfrozen: nothing reaches it through the indices
     x = inputs().requires_grad_()
@@ -230,6 +247,7 @@ def test_deploy_paths():
     ({"mask_randomisation": 1.5}, r"mask_randomisation must be a number in \[0, 1\]"),
     ({"mask_randomisation": -0.1}, r"mask_randomisation must be a number in \[0, 1\]"),
     ({"deploy": "sparse"}, "deploy must be one of"),
+    ({"hard_form": "dense"}, "hard_form must be one of"),
     ({"topk": 4}, "unknown option 'topk'"),
     ({"rank": "4"}, "option rank must be an int"),
 ])

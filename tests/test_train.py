@@ -211,3 +211,27 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path):
     else:
         run(tiny_config(tensorboard=True, max_steps=2, eval_interval=1), tmp_path / "r")
         assert any((tmp_path / "r" / "tb").iterdir())
+
+
+def test_fit_steps_after_backward_sees_this_steps_gradients_before_they_are_cleared():
+    """after_backward(step) runs with the step's gradients in .grad (after_step runs once they are
+    cleared); frozen parameters have none."""
+    from routemem.train.config import TrainConfig
+    from routemem.train.supervised import fit_steps
+
+    torch.manual_seed(0)
+    model = TransformerLM(LMConfig(vocab_size=11, n_layer=1, d_model=16, n_head=2, max_seq_len=8))
+    model.lm_head.weight.requires_grad_(False)  # tied with the embedding: both frozen
+    seen = {"backward": [], "step": []}
+    batch = torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def grad_norm():
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        return float(torch.stack([g.norm() for g in grads]).norm()) if grads else 0.0
+
+    fit_steps(model, lambda step: (batch[:, :-1], batch[:, 1:]), TrainConfig(batch_size=2, max_steps=3, lr=1e-3),
+              after_backward=lambda step: seen["backward"].append((step, grad_norm(), model.lm_head.weight.grad)),
+              after_step=lambda step: seen["step"].append(grad_norm()))
+    assert [s for s, _, _ in seen["backward"]] == [0, 1, 2]
+    assert all(norm > 0 and frozen is None for _, norm, frozen in seen["backward"])
+    assert seen["step"] == [0.0, 0.0, 0.0]

@@ -16,8 +16,11 @@ def _lazy(module: str) -> Callable:
     return run
 
 
-STUDIES: dict[str, Callable] = {"apn": _lazy("apn"), "palimpsa": _lazy("palimpsa"), "fast-slow": _lazy("fast_slow")}
+STUDIES: dict[str, Callable] = {"apn": _lazy("apn"), "palimpsa": _lazy("palimpsa"), "fast-slow": _lazy("fast_slow"),
+                                 "absorption": _lazy("absorption")}
 ABOUT: dict[str, str] = {
+    "absorption": "Routing absorption: learned vs random sparse-attention gates, zero gradient through hard top-k, "
+                  "distilled gates, mask randomisation, attention concentration, APN's router",
     "apn": "Attractor Patch Networks: near-dense perplexity, less forgetting when adapted to a new domain",
     "fast-slow": "Fast-slow coupled attention: neutral at 500k tokens, cost near dense, a positive control, "
                  "the theorem numerically",

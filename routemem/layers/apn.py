@@ -39,13 +39,14 @@ from routemem.ops.apn import (
     routing_stats,
 )
 
-PROTOTYPE_UPDATES = ("sgd", "ema")
+PROTOTYPE_UPDATES = ("sgd", "ema", "frozen")  # frozen: a random router, fixed at init
 
 
 @register_ffn("apn")
 class AttractorPatchFFN(nn.Module):
     """Options: ``n_patches`` K, ``rank`` r, ``top_k``, ``tau`` (router temperature; ``learn_tau``
-    makes it a parameter), ``gamma`` (output scale), ``prototype_update`` (sgd | ema) with
+    makes it a parameter), ``gamma`` (output scale), ``prototype_update`` (sgd | ema | frozen: the
+    unit-norm random prototypes of init stay fixed, a random router) with
     ``ema_decay``, ``load_balance`` (weight of the aux loss; 0 turns it off), ``trunk_hidden``
     (hidden units of an optional dense trunk; 0 = none), ``mode`` (reference | grouped | fused |
     auto: the compiled kernel on a CPU, else grouped)."""

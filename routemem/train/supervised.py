@@ -21,11 +21,14 @@ BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 def fit_steps(model: torch.nn.Module, batch_at: BatchFn, cfg: TrainConfig, *, bf16: bool = False,
               device: torch.device | None = None, progress: str | None = None,
-              after_step: Callable[[int], None] | None = None) -> list[float]:
+              after_step: Callable[[int], None] | None = None,
+              after_backward: Callable[[int], None] | None = None) -> list[float]:
     """Train for ``cfg.max_steps`` steps on ``(inputs, targets) = batch_at(step)``; returns the loss
     of every step. ``model(inputs, targets)`` must return ``(logits, loss)``. Only parameters with
     ``requires_grad`` are optimised (freeze the rest to train a part of a model).
-    ``after_step(step)`` runs after each optimizer step (e.g. to evaluate along the way). Raises
+    ``after_step(step)`` runs after each optimizer step (e.g. to evaluate along the way);
+    ``after_backward(step)`` between the backward pass and gradient clipping, while the step's
+    gradients are still in ``.grad`` (e.g. to measure a part's gradient norm). Raises
     ``TrainingDiverged`` on a NaN/Inf loss (an unstable learning rate in a sweep, say).
     Batches are moved to ``device``, by default the one the model's parameters are on. ``progress`` names the
     step bar (none when None, or when ``$ROUTEMEM_STEP_BARS`` is 0: a study's worker processes
@@ -45,6 +48,8 @@ def fit_steps(model: torch.nn.Module, batch_at: BatchFn, cfg: TrainConfig, *, bf
         with autocast_context(device, bf16):
             _, loss = model(inputs.to(device), targets.to(device))
         loss.backward()
+        if after_backward is not None:
+            after_backward(step)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
