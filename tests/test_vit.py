@@ -11,10 +11,17 @@ from safetensors.torch import save_file
 from routemem.errors import CheckpointError, ConfigError, UserError
 from routemem.layers import LayerSpec, build_mixer
 from routemem.layers.attention import CausalSelfAttention, split_qkv
-from routemem.models import ViTConfig, VisionTransformer, load_vit, read_vit_config, save_vit
-from routemem.models import vit_weights
+from routemem.models import (
+    VisionTransformer,
+    ViTConfig,
+    load_vit,
+    read_vit_config,
+    save_vit,
+    vit_weights,
+)
 
-TINY = dict(image_size=16, patch_size=4, in_chans=3, d_model=32, n_layer=3, n_head=4, mlp_hidden=48, n_classes=5)
+TINY = {"image_size": 16, "patch_size": 4, "in_chans": 3, "d_model": 32, "n_layer": 3, "n_head": 4, "mlp_hidden": 48,
+        "n_classes": 5}
 N_PATCHES = 16
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import nn
@@ -40,8 +39,8 @@ from routemem.errors import ConfigError
 from routemem.layers import LayerSpec, build_ffn, build_mixer
 
 Prompt = tuple  # ("prompt" | "input", P) or ("prefix", (pk, pv)): see the module docstring
-PromptFn = Callable[[int, torch.Tensor], Union[Prompt, None]]
-Prompts = Union[Mapping[int, Prompt], PromptFn, None]
+PromptFn = Callable[[int, torch.Tensor], Prompt | None]
+Prompts = Mapping[int, Prompt] | PromptFn | None
 PROMPT_KINDS = ("prompt", "input", "prefix")
 POOLS = ("cls", "prompt")
 

@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 
 from routemem.errors import CheckpointError, ConfigError
 from routemem.fileio import make_public
-from routemem.models.vit import ViTConfig, VisionTransformer
+from routemem.models.vit import VisionTransformer, ViTConfig
 
 CONFIG_METADATA_KEY = "routemem.vit_config"
 STANDARD_HEAD_DIM = 64
@@ -125,8 +125,8 @@ def _infer_config(shapes: dict, metadata: dict, path: Path, overrides: dict) -> 
     blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
     if not blocks:
         raise CheckpointError(f"{path}: missing key 'blocks.0.attn.qkv.weight' (no transformer blocks in the file)")
-    inferred = dict(image_size=grid * p, patch_size=p, in_chans=C, d_model=D, n_layer=max(blocks) + 1,
-                    mlp_hidden=_shape(shapes, "blocks.0.mlp.fc1.weight", path, 2)[0])
+    inferred = {"image_size": grid * p, "patch_size": p, "in_chans": C, "d_model": D, "n_layer": max(blocks) + 1,
+                "mlp_hidden": _shape(shapes, "blocks.0.mlp.fc1.weight", path, 2)[0]}
     if "head.weight" in shapes:
         inferred["n_classes"] = shapes["head.weight"][0]
     elif "n_classes" not in overrides:
