@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from routemem.errors import CheckpointError, ConfigError, UserError
+from routemem.fileio import current_umask
 from routemem.layers import LayerSpec, build_mixer
 from routemem.layers.attention import CausalSelfAttention, split_qkv
 from routemem.models import (
@@ -290,7 +291,7 @@ def test_reset_head_and_backbone_parameters():
 def test_save_load_round_trip(tmp_path):
     model = tiny_vit().float()
     path = save_vit(model, tmp_path / "vit.safetensors")
-    assert oct(os.stat(path).st_mode & 0o777) != oct(0o600)  # not mkstemp's owner-only mode
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~current_umask()  # not mkstemp's owner-only 0600
     loaded = load_vit(path).eval()
     assert loaded.config == model.config  # read from the metadata (n_head=4 is not inferable: 32 / 64)
     x = images(2).float()
