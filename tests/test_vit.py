@@ -42,7 +42,7 @@ def images(batch=2, chans=3, size=16):
 # --- attention: bidirectional and prefix ---------------------------------------------------
 
 
-def naive_attention(m: CausalSelfAttention, x, causal, prefix=None):
+def naive_attention(m: CausalSelfAttention, x, causal, prefix=None, window=None):
     """Explicit per-head softmax(q k^T / sqrt(Dh)) v with prefix keys/values prepended, unprojected."""
     B, T, D = x.shape
     H, Dh = m.n_head, m.head_dim
@@ -58,15 +58,16 @@ def naive_attention(m: CausalSelfAttention, x, causal, prefix=None):
         scores = q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(Dh)  # [B, T, Lp + T]
         if causal:
             t = torch.arange(T)
-            allowed = torch.cat([torch.ones(T, n_prefix, dtype=torch.bool), t[:, None] >= t[None, :]], dim=1)
+            seen = (t[:, None] >= t[None, :]) & ((t[:, None] - t[None, :]) < (window or T))
+            allowed = torch.cat([torch.ones(T, n_prefix, dtype=torch.bool), seen], dim=1)
             scores = scores.masked_fill(~allowed, float("-inf"))
         out[..., sl] = scores.softmax(-1) @ v[..., sl]
     return out @ m.out.weight.T + (m.out.bias if m.out.bias is not None else 0)
 
 
-def make_attn(causal, bias=True):
+def make_attn(causal, bias=True, window=None):
     m = build_mixer("attention", LayerSpec(d_model=16, n_head=4, max_seq_len=16, pos="none"),
-                    {"causal": causal, "bias": bias})
+                    {"causal": causal, "bias": bias, "window": window})
     m = m.double()
     with torch.no_grad():
         for p in m.parameters():
@@ -90,6 +91,15 @@ def test_prefix_keys_values_are_used_unprojected(causal):
     assert not torch.allclose(m(x, prefix=(pk, pv)), m(x), atol=1e-3)
     # an unbatched prefix [Lp, D] is shared by the batch
     torch.testing.assert_close(m(x, prefix=(pk[0], pv[0])), m(x, prefix=(pk[:1].expand(2, -1, -1), pv[:1].expand(2, -1, -1))))
+
+
+def test_prefix_with_a_sliding_window_is_always_visible():
+    m = make_attn(causal=True, window=2)
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    pk, pv = torch.randn(2, 3, 16, dtype=torch.float64), torch.randn(2, 3, 16, dtype=torch.float64)
+    expected = naive_attention(m, x, True, (pk, pv), window=2)
+    torch.testing.assert_close(m(x, prefix=(pk, pv)), expected, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(expected, naive_attention(m, x, True, (pk, pv)), atol=1e-3)  # the window matters
 
 
 def test_prefix_gradients_reach_the_prefix():
