@@ -56,6 +56,7 @@ def test_pretrain_and_stream_classes_are_disjoint_and_cover_everything():
     assert not set(pre) & set(stream)
     assert set(pre) | set(stream) == set(glyphs.glyph_classes())
     assert {c for _, c in pre}.isdisjoint({c for _, c in stream})  # no stream character in any font
+    assert {c for _, c in stream} == set(glyphs.CHARSET[1::2])  # the documented rule: odd positions
     full = load_source("glyphs", cache_dir=None, samples_per_class=1, max_classes=40, seed=1)
     a, b = split_pretrain_stream(full)
     assert a.name == "glyphs:pretrain" and b.name == "glyphs:stream"
@@ -120,8 +121,9 @@ def test_to_rgb_repeats_the_channel(cache):
 
 def test_resize_keeps_a_constant_image_constant_and_averages_when_shrinking():
     np.testing.assert_allclose(resize(np.full((2, 8, 8), 0.3), 32), 0.3, atol=1e-6)
-    checker = np.indices((64, 64)).sum(0) % 2  # aliases to all-0 or all-1 without a box filter
-    np.testing.assert_allclose(resize(checker.astype(np.float32), 32), 0.5)
+    dots = np.zeros((96, 96), dtype=np.float32)
+    dots[::3, ::3] = 1.0  # one lit pixel per 3x3 block: bilinear alone samples between dots and reads 0
+    np.testing.assert_allclose(resize(dots, 32), 1 / 9, atol=1e-6)
 
 
 def test_digits(monkeypatch):
