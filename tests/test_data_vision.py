@@ -7,11 +7,17 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from routemem.data import glyphs, load_source, make_imageset, split_pretrain_stream, to_rgb
+from routemem.data import (
+    glyphs,
+    load_source,
+    make_imageset,
+    split_pretrain_stream,
+    to_rgb,
+)
 from routemem.data.images import resize
 from routemem.errors import DataError
 
-SMALL = dict(max_classes=6, samples_per_class=4)
+SMALL = {"max_classes": 6, "samples_per_class": 4}
 
 
 @pytest.fixture

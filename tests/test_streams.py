@@ -109,12 +109,12 @@ def test_anytime_points_and_seen_classes():
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(n_tasks=13), "12 classes: too few for 13 tasks"),
-    (dict(n_tasks=3, shots=50), "shots=50"),
-    (dict(n_tasks=3, blurry_share=0.1), "needs blurry classes"),
-    (dict(n_tasks=1, disjoint_share=0.5, blurry_share=0.1), "at least 2 tasks"),
-    (dict(n_tasks=3, test_share=1.0), "test_share"),
-    (dict(n_tasks=0), "n_tasks"),
+    ({"n_tasks": 13}, "12 classes: too few for 13 tasks"),
+    ({"n_tasks": 3, "shots": 50}, "shots=50"),
+    ({"n_tasks": 3, "blurry_share": 0.1}, "needs blurry classes"),
+    ({"n_tasks": 1, "disjoint_share": 0.5, "blurry_share": 0.1}, "at least 2 tasks"),
+    ({"n_tasks": 3, "test_share": 1.0}, "test_share"),
+    ({"n_tasks": 0}, "n_tasks"),
 ])
 def test_bad_stream_requests_are_one_line_errors(kwargs, words):
     with pytest.raises(DataError, match=words) as e:

@@ -99,7 +99,7 @@ def _class_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _outline(font: str, char: str):
     """The character's outline in em units, baseline at y = 0 (cached: parsing fonts is the slow part)."""
     from matplotlib.font_manager import FontProperties
@@ -258,9 +258,9 @@ def _cache_key(split: str, max_classes, samples_per_class: int, size: int, seed:
     fonts = hashlib.sha256()
     for p in font_files():
         fonts.update(p.name.encode() + b"\0" + p.read_bytes())
-    request = dict(version=GLYPHS_VERSION, split=split, max_classes=max_classes, n=samples_per_class,
-                   size=size, seed=seed, charset=CHARSET, fonts=fonts.hexdigest(),
-                   freetype=__freetype_version__, duplicate=DUPLICATE_DISTANCE)
+    request = {"version": GLYPHS_VERSION, "split": split, "max_classes": max_classes, "n": samples_per_class,
+               "size": size, "seed": seed, "charset": CHARSET, "fonts": fonts.hexdigest(),
+               "freetype": __freetype_version__, "duplicate": DUPLICATE_DISTANCE}
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -50,7 +50,7 @@ def read_image(path: Path, size: int, color: str) -> np.ndarray:
             raise DataError(f"reading JPEG {path} needs Pillow (pip install pillow); PNG needs nothing") from None
     try:
         img = matplotlib.image.imread(str(path))
-    except Exception as e:  # PIL and matplotlib raise many types for a bad file
+    except Exception as e:  # noqa: BLE001  (PIL and matplotlib raise many types for a bad file)
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"cannot read image {path}: {why}") from None
     img = _as_float(np.asarray(img), path)

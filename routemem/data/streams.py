@@ -33,8 +33,8 @@ No task ids are given at test time: a task index rides along each batch for book
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -206,9 +206,10 @@ def make_stream(images: ImageSet, n_tasks: int, *, batch_size: int = 10, seed: i
         starts.append(offset + len(samples))
         offset += len(samples)
     tasks = tuple(Task(t, np.sort(np.flatnonzero(home == t)).astype(np.int64)) for t in range(n_tasks))
-    settings = dict(source=images.name, source_sha256=images.sha256, n_tasks=n_tasks, batch_size=batch_size,
-                    seed=seed, test_share=test_share, shots=shots, disjoint_share=disjoint_share,
-                    blurry_share=blurry_share)
+    settings = {"source": images.name, "source_sha256": images.sha256, "n_tasks": int(n_tasks),
+                "batch_size": int(batch_size), "seed": int(seed), "test_share": float(test_share),
+                "shots": None if shots is None else int(shots), "disjoint_share": float(disjoint_share),
+                "blurry_share": float(blurry_share)}  # plain types: results files write it as JSON
     return Stream(images, tasks, np.sort(np.concatenate(train_of)).astype(np.int64),
                   np.sort(np.concatenate(test_parts)).astype(np.int64), np.concatenate(order),
                   np.concatenate(order_task), np.array(starts, dtype=np.int64), settings)

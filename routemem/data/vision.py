@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from routemem.data.glyphs import CLASS_ORDER_SEED, CHARSET, is_stream_char, load_glyphs
+from routemem.data.glyphs import CHARSET, CLASS_ORDER_SEED, is_stream_char, load_glyphs
 from routemem.data.image_folder import COLORS, load_image_folder
 from routemem.data.images import ImageSet, make_imageset, resize, select_classes
 from routemem.errors import DataError
