@@ -171,6 +171,7 @@ def test_image_folder_gray_and_rgb(tmp_path):
 @pytest.mark.parametrize("make, spec, words", [
     (lambda p: None, "nosuchsource", "unknown image source 'nosuchsource'"),
     (lambda p: None, "glyphs:everything", "unknown glyph split 'everything'"),
+    (lambda p: None, "folder:", "needs a path"),
     (lambda p: None, "folder:{p}/missing", "image folder not found"),
     (lambda p: None, "folder:{p}", "has no class sub-folders"),
     (lambda p: (p / "cat").mkdir(), "folder:{p}", "class folder .*cat has no images"),

@@ -86,7 +86,9 @@ def load_source(spec: str, *, size: int = 32, seed: int = 0, cache_dir: str | os
                            max_classes=max_classes, cache_dir=cache_dir)
     if kind == "digits" and not arg:
         images = load_digits(size)
-    elif kind == "folder" and arg:
+    elif kind == "folder":
+        if not arg:
+            raise DataError("image source 'folder:PATH' needs a path after 'folder:'")
         images = load_image_folder(arg, size=size, color=color)
     else:
         raise DataError(f"unknown image source '{spec}' (choose from {', '.join(SOURCES)})")
