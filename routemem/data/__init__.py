@@ -29,3 +29,10 @@ __all__ = [
 from routemem.data.mqar import multiquery_ar, multiquery_ar_overwrite, recall_accuracy  # noqa: E402
 
 __all__ += ["multiquery_ar", "multiquery_ar_overwrite", "recall_accuracy"]
+
+from routemem.data.images import ImageSet, make_imageset, select_classes, to_rgb  # noqa: E402
+from routemem.data.streams import Stream, StreamBatch, Task, make_stream  # noqa: E402
+from routemem.data.vision import limit_classes, list_sources, load_source, split_pretrain_stream  # noqa: E402
+
+__all__ += ["ImageSet", "Stream", "StreamBatch", "Task", "limit_classes", "list_sources", "load_source",
+            "make_imageset", "make_stream", "select_classes", "split_pretrain_stream", "to_rgb"]
