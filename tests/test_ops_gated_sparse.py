@@ -12,6 +12,7 @@ import torch
 from op_checks import assert_close_scaled
 from routemem.ops import attention_probs, gate_scores, gated_attention, oracle_mask, random_causal_mask, topk_mask
 from routemem.ops.gated_sparse import GATINGS, topk_key_indices
+from routemem.ops.gated_sparse.selection import topk_mask_by_rank
 
 B, H, DK, DV, R = 2, 2, 4, 3, 3
 
@@ -321,3 +322,19 @@ def test_bad_inputs_raise_naming_the_culprit(case):
 def test_helpers_reject_bad_inputs(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3, 1000])
+def test_topk_mask_threshold_form_matches_the_sorted_indices_and_the_rank_count(levels):
+    """topk_mask (threshold + running count of ties) keeps the keys the stable sort gathers and
+    the plain rank count keeps, with ties everywhere (few levels) and causal keys at -inf."""
+    g = torch.Generator().manual_seed(levels)
+    scores = torch.randint(0, levels, (2, 3, 17, 17), generator=g).double()
+    scores[torch.rand(scores.shape, generator=g) < 0.3] = float("-inf")
+    for top_k in (1, 4, 16, 17, 30):
+        indices, valid = topk_key_indices(scores, top_k)
+        from_indices = torch.zeros(scores.shape, dtype=torch.int32).scatter_add_(-1, indices, valid.to(torch.int32)) > 0
+        mask = topk_mask(scores, top_k)
+        assert torch.equal(mask, from_indices), top_k
+        assert torch.equal(mask, topk_mask_by_rank(scores, top_k)), top_k
+        assert torch.equal(mask.sum(-1), torch.arange(1, 18).clamp(max=top_k).expand(2, 3, 17))

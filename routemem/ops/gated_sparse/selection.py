@@ -2,8 +2,8 @@
 oracle's k. All return masks or indices only (integers and booleans), so nothing downstream can
 carry a gradient back to the scores.
 
-Tie rule, everywhere: among equal scores the lower key index wins. The fast form gets it from a
-stable descending sort; the reference form (``topk_mask_by_rank``) counts, for each key, the
+Tie rule, everywhere: among equal scores the lower key index wins. The gathered indices get it from
+a stable descending sort, the mask from a threshold and a running count of ties; the reference form (``topk_mask_by_rank``) counts, for each key, the
 causal keys that beat it (a higher score, or the same score and a lower index). Both make the same
 choice, and a -inf score is still a causal key (chosen last, before no key)."""
 
@@ -38,12 +38,24 @@ def topk_key_indices(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, to
 
 
 def topk_mask(scores: torch.Tensor, top_k: int) -> torch.Tensor:
-    """scores [B, H, T, T] -> bool [B, H, T, T]: True at query i's min(k, i + 1) best causal keys."""
-    indices, valid = topk_key_indices(scores, top_k)
-    # Counts, not a boolean scatter: invalid slots all point at key 0, and a scatter of False there
-    # could overwrite a valid slot's True.
-    hits = torch.zeros(scores.shape, dtype=torch.int32, device=scores.device)
-    return hits.scatter_add_(-1, indices, valid.to(torch.int32)) > 0
+    """scores [B, H, T, T] -> bool [B, H, T, T]: True at query i's min(k, i + 1) best causal keys.
+
+    No sort: the k-th largest causal score of each query is its threshold (``torch.topk``); keys
+    above it are kept, and of the keys equal to it the lowest-indexed fill the remaining slots (a
+    running count), which is the stable sort's choice. Queries with at most k causal keys keep all."""
+    T = scores.shape[-1]
+    kept = kept_per_query(T, top_k)
+    causal = causal_mask(T, scores.device)
+    ranked = scores.detach().masked_fill(~causal, float("-inf"))
+    threshold = torch.topk(ranked, kept, dim=-1).values[..., -1:]
+    above = (ranked > threshold) & causal
+    tied = (ranked == threshold) & causal  # a causal -inf can tie; a future key never counts
+    room = kept - above.sum(dim=-1, keepdim=True)
+    if bool((tied.sum(dim=-1, keepdim=True) > room).any()):  # more ties than room: the running count
+        tied = tied & (tied.to(torch.int32).cumsum(dim=-1) <= room)
+    mask = above | tied
+    short = torch.arange(T, device=scores.device)[:, None] < kept  # query i has i + 1 <= k causal keys
+    return torch.where(short, causal, mask)
 
 
 def topk_mask_by_rank(scores: torch.Tensor, top_k: int) -> torch.Tensor:
