@@ -7,10 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from routemem.data import make_imageset, make_stream
+from routemem.data import make_imageset, make_stream, to_rgb
 from routemem.errors import ConfigError, DataError
 from routemem.models import VisionTransformer, ViTConfig
-from routemem.train.continual import METHODS, list_methods, make_method, method_options, result_to_json, run_stream
+from routemem.train.continual import (
+    METHODS,
+    list_methods,
+    make_method,
+    method_options,
+    result_to_json,
+    run_stream,
+)
 from routemem.train.continual_methods import LinearProbe
 from routemem.train.continual_replay import ReservoirBuffer
 
@@ -52,7 +59,7 @@ def backbone_state(method):
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_method_runs_a_stream_and_fills_the_accuracy_matrix(name, stream):
-    method, result = run(name, stream, eval_every=25)
+    _, result = run(name, stream, eval_every=25)
     R = result["accuracy_matrix"]
     lower = np.tril_indices(N_TASKS)
     assert R.shape == (N_TASKS, N_TASKS)
@@ -281,7 +288,7 @@ def test_coda_prompt_adds_components_per_task_and_freezes_the_earlier_ones(strea
 
 
 def test_er_replays_an_equal_share_and_buffers_each_sample_once(stream):
-    method, result = run("er", stream, updates_per_batch=2, options={"buffer_size": 30})
+    method, _ = run("er", stream, updates_per_batch=2, options={"buffer_size": 30})
     assert method.buffer.n_seen == len(stream) and len(method.buffer) == 30
     mixed = method._training_batch(torch.zeros(10, 1, 8, 8), torch.zeros(10, dtype=torch.long))
     assert len(mixed[1]) == 20
@@ -296,8 +303,7 @@ def test_reservoir_never_exceeds_capacity_and_fills_first():
         buffer.add(torch.full((3, 2), float(n)), torch.full((3,), n))
         assert len(buffer) == min(8, 3 * n) and buffer.n_seen == 3 * n
     assert buffer.images.shape == (8, 2)
-    images, labels = buffer.sample(5)
-    assert len(labels) == 5 and len(buffer.sample(100)[1]) == 8
+    assert len(buffer.sample(5)[1]) == 5 and len(buffer.sample(100)[1]) == 8
 
 
 def test_reservoir_keeps_each_sample_with_probability_capacity_over_n():
@@ -355,3 +361,15 @@ def test_run_stream_rejects_bad_input(stream):
     run_stream(method, stream, device="cpu")
     with pytest.raises(ValueError, match="already run"):
         run_stream(method, stream, device="cpu")
+
+
+def test_run_stream_reads_the_images_it_is_given(stream):
+    rgb_vit = VisionTransformer(ViTConfig(image_size=8, patch_size=4, in_chans=3, d_model=32, n_layer=2, n_head=4,
+                                          mlp_hidden=48))
+    method = make_method("linear-probe", rgb_vit, N_CLASSES, N_TASKS)
+    result = run_stream(method, stream, to_rgb(stream.images), device="cpu")  # an RGB backbone, gray stream
+    assert np.isfinite(result["accuracy_matrix"][np.tril_indices(N_TASKS)]).all()
+    shuffled = make_imageset("other", stream.images.images, stream.images.labels[::-1].copy(),
+                             stream.images.class_names)
+    with pytest.raises(DataError, match="not the image set the stream indexes"):
+        run_stream(make_method("linear-probe", tiny_vit(), N_CLASSES, N_TASKS), stream, shuffled, device="cpu")

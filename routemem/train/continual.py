@@ -36,7 +36,12 @@ from routemem.errors import ConfigError, DataError
 from routemem.machine import resolve_device
 from routemem.train.continual_methods import Method
 from routemem.train.continual_metrics import summarize, task_accuracies
-from routemem.train.continual_registry import METHODS, list_methods, make_method, method_options
+from routemem.train.continual_registry import (
+    METHODS,
+    list_methods,
+    make_method,
+    method_options,
+)
 
 __all__ = ["METHODS", "list_methods", "make_method", "method_options", "predict_labels", "result_to_json",
            "run_stream"]
@@ -66,8 +71,10 @@ def _check(method, stream, imageset, updates_per_batch, eval_every, eval_batch_s
         raise TypeError(f"run_stream needs a Method (see make_method), got {type(method).__name__}")
     if method.task != -1:
         raise ValueError(f"{method.name}: this method has already run; build a fresh one per stream")
-    for name, value in (("updates_per_batch", updates_per_batch), ("eval_batch_size", eval_batch_size)) + (
-            (("eval_every", eval_every),) if eval_every is not None else ()):
+    counts = {"updates_per_batch": updates_per_batch, "eval_batch_size": eval_batch_size, "eval_every": eval_every}
+    for name, value in counts.items():
+        if name == "eval_every" and value is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
     if len(imageset) != len(stream.images) or not np.array_equal(imageset.labels, stream.images.labels):

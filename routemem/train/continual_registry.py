@@ -9,7 +9,11 @@ import torch
 from routemem.errors import ConfigError
 from routemem.models.vit import VisionTransformer
 from routemem.train.continual_methods import Finetune, LinearProbe, Method
-from routemem.train.continual_prompted import CodaPromptMethod, DualPromptMethod, L2PMethod
+from routemem.train.continual_prompted import (
+    CodaPromptMethod,
+    DualPromptMethod,
+    L2PMethod,
+)
 from routemem.train.continual_replay import ExperienceReplay
 
 # name -> factory(vit, n_classes, n_tasks, **options); each class carries its one-line description
