@@ -159,3 +159,14 @@ def test_a_study_trains_on_cuda(tmp_path):
     cpu = palimpsa.run(out=tmp_path / "cpu", setting=replace(TINY, seeds=(0,)), device="cpu")
     for on_gpu, on_cpu in zip(results["runs"], cpu["runs"]):  # same data and initial weights
         assert on_gpu["final_loss"] == pytest.approx(on_cpu["final_loss"], rel=1e-3)
+
+
+def test_where_trained_names_the_machines_that_trained_the_runs_when_not_this_one():
+    from routemem.experiments.common import where_trained
+
+    here = {"device": "cpu", "cpu": "AMD EPYC", "gpu": None, "threads": 2}
+    local = {"env": here, "execution": {"jobs": 1, "trained_on": [{"device": "cpu", "cpu": "AMD EPYC", "runs": 3}]}}
+    assert where_trained(local) == "AMD EPYC (cpu, 2 threads)"
+    gpu = {"device": "cuda", "cpu": "Xeon", "gpu": "NVIDIA H100 80GB HBM3", "runs": 18}
+    assembled = {"env": here, "execution": {"jobs": 1, "trained_on": [gpu]}}
+    assert where_trained(assembled).endswith("runs trained on NVIDIA H100 80GB HBM3 (cuda): 18 runs")

@@ -154,13 +154,17 @@ def verdict_lines(results: dict, report_path: Path) -> list[str]:
 
 
 def where_trained(results: dict) -> str:
-    """The report's "on ..." phrase: this machine, its worker processes, or a sharded study's machines."""
+    """The report's "on ..." phrase: this machine, its worker processes, or the machines that trained
+    the runs when that is not (only) this one (a sharded study, or a report assembled from a cache
+    filled elsewhere)."""
     env, execution = results["env"], results.get("execution", {})
     text = f"{env.get('gpu') or env['cpu']} ({env['device']}, {env['threads']} threads)"
     if execution.get("jobs", 1) > 1:
         text += f", {execution['jobs']} worker processes"
     machines = execution.get("trained_on", [])
-    if len(machines) > 1:
+    elsewhere = any((m.get("device"), m.get("gpu") or m.get("cpu")) != (env["device"], env.get("gpu") or env["cpu"])
+                    for m in machines)
+    if len(machines) > 1 or elsewhere:
         text += "; runs trained on " + "; ".join(
             f"{m.get('gpu') or m.get('cpu')} ({m.get('device')}): {m['runs']} runs" for m in machines)
     return text
