@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE.safetensors", help="weights; FILE.json is written beside")
     # defaults None: the dataclasses' (PretrainSettings, ViTConfig) apply; the help names them
     # without importing torch here (a test holds the two equal)
-    p.add_argument("--steps", type=int, help="optimizer steps (default 600)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
     p.add_argument("--batch-size", type=int, help="images per step (default 64)")
     p.add_argument("--lr", type=float, help="peak learning rate; warmup 10%% of the steps, cosine to lr/100 "
                    "(default 0.001)")

@@ -93,6 +93,8 @@ def test_settings_refuse_bad_values():
                 {"val_share": 0.0}, {"steps": 1.5}):
         with pytest.raises(ConfigError):
             PretrainSettings(**bad)
+    tiny_lr = PretrainSettings(lr=1e-7)  # the floor follows the peak: lr / 100
+    assert tiny_lr.train_config().min_lr == pytest.approx(1e-9) and tiny_lr.train_config().warmup_steps == 100
 
 
 def test_checkpoint_loads_with_the_same_logits_and_the_sidecar_describes_it(tmp_path):
