@@ -164,7 +164,7 @@ def test_cli_bad_inputs_are_one_line_errors_that_write_nothing(capsys, tmp_path)
         (["--val-share", "1"], "val-share"), (["--source", "nonesuch"], "nonesuch"),
         (["--heads", "5"], "n_head"), (["--image-size", "30"], "patch_size"),
         (["--samples-per-class", "1"], "samples-per-class"), (["--max-classes", "1"], "max-classes"),
-        (["--device", "gpu"], "device"),
+        (["--device", "gpu"], "device"), (["--source", "glyphs:stream"], "must not see"),
     ]
     for flags, words in cases:
         assert words in one_line_error(capsys, "pretrain-vit", "--out", out, "--quiet", *flags), flags

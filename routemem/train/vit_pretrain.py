@@ -102,6 +102,9 @@ def load_pretraining_images(source: str, *, size: int = 32, samples_per_class: i
     (a fixed choice) of the classes trained on."""
     from routemem.data.vision import limit_classes, load_source, split_pretrain_stream
 
+    if source == "glyphs:stream" and not all_classes:  # say so before rendering 632 classes to split
+        raise DataError("'glyphs:stream' holds only the stream classes, which the backbone must not see: "
+                        "pretrain on 'glyphs' (its pretraining half is used), or pass --all-classes")
     if source in ("glyphs", "glyphs:pretrain") and not all_classes:  # the half alone: half the rendering
         return load_source("glyphs:pretrain", size=size, seed=seed, samples_per_class=samples_per_class,
                            max_classes=max_classes)
