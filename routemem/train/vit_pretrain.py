@@ -18,8 +18,15 @@ the backbone never saw. ``all_classes=True`` trains on every class instead (a fo
 pretraining data); a warning says that streams from the same source then reuse seen classes.
 
 Files (``write_pretrained``): the weights with ``save_vit`` (safetensors, common ViT layout, config
-in the metadata) and a JSON sidecar beside them (``FILE.json``: the record below), each written to a
-temp file and renamed. ``check_out_path`` refuses a bad path before any work is done.
+in the metadata) and a JSON sidecar beside them (``FILE.json``), each written to a temp file and
+renamed. ``check_out_path`` refuses a bad path before any work is done. The sidecar holds
+``pretrain_vit``'s record: ``weights`` (the file's name), ``source``, ``source_sha256`` (the hash of
+the images trained and validated on), ``class_names`` (so a stream can check that it holds none of
+them), ``n_train`` / ``n_val``, ``config``, ``settings`` (steps, batch size, lr, min_lr, warmup,
+weight decay, clipping, val share, seed), ``bf16``, ``seconds`` (the training loop's wall time,
+evaluations included), ``images_per_s``, ``epochs``, ``val_accuracy`` / ``val_top5`` (after the
+last step), ``chance``, ``curve`` (step, recent train loss, val accuracy at each evaluation) and
+``env`` (``routemem.machine.machine_header``).
 """
 
 from __future__ import annotations
