@@ -103,6 +103,8 @@ def test_checkpoint_loads_with_the_same_logits_and_the_sidecar_describes_it(tmp_
     weights, sidecar = write_pretrained(model, record, tmp_path / "sub" / "vit.safetensors")
     assert weights == tmp_path / "sub" / "vit.safetensors" and sidecar == tmp_path / "sub" / "vit.json"
     loaded = load_vit(weights, strict_head=True)
+    # the same model as the file gives: the no-weight-decay marks used while pretraining are gone
+    assert not any(hasattr(p, "_no_weight_decay") for p in model.parameters())
     x = torch.from_numpy(images.images[:6])
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))

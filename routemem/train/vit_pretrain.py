@@ -234,7 +234,8 @@ def pretrain_vit(config: ViTConfig, images: ImageSet, *, steps: int = PretrainSe
 
     torch.manual_seed(settings.seed)
     model = VisionTransformer(config).to(device)
-    for p in (model.cls_token, model.pos_embed):
+    no_decay = (model.cls_token, model.pos_embed)
+    for p in no_decay:
         p._no_weight_decay = True  # as ViT recipes do; optim.wants_weight_decay reads the mark
     wrapped = _WithLoss(model)
 
@@ -260,8 +261,12 @@ def pretrain_vit(config: ViTConfig, images: ImageSet, *, steps: int = PretrainSe
 
     cfg = settings.train_config()
     start = time.perf_counter()
-    fit_steps(wrapped, batch_at, cfg, bf16=bf16, device=device, progress="pretrain-vit" if progress else None,
-              after_step=after_step)
+    try:
+        fit_steps(wrapped, batch_at, cfg, bf16=bf16, device=device, progress="pretrain-vit" if progress else None,
+                  after_step=after_step)
+    finally:  # the model handed back is what load_vit gives from the file: no marks left on it
+        for p in no_decay:
+            del p._no_weight_decay
     seconds = time.perf_counter() - start
     model.eval()
     final = curve[-1]
