@@ -320,14 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, help="attention heads (default 3)")
     p.add_argument("--patch", type=int, help="patch side in pixels (default 4)")
     p.add_argument("--image-size", type=int, help="image side in pixels (default 32)")
-    p.add_argument("--samples-per-class", type=int, default=50, help="glyphs: rendered samples per class")
+    p.add_argument("--samples-per-class", type=int, default=50, help="glyphs: rendered samples per class (default %(default)s)")
     p.add_argument("--max-classes", type=int, default=None, help="keep this many classes (a fixed choice)")
     p.add_argument("--all-classes", action="store_true", help="train on every class of the source, not only its "
                    "pretraining half (for a folder of pretraining data only)")
     p.add_argument("--color", default="gray", choices=["gray", "rgb"], help="folders: load as gray or RGB")
     p.add_argument("--val-share", type=float, help="share of each class held out for validation (default 0.1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}")
+    p.add_argument("--seed", type=int, default=0, help="the initialisation, the validation split and the batch "
+                   "order (the glyph renders stay the same) (default %(default)s)")
+    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}",
+                   help="where to train (auto: cuda when torch sees a GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or evaluation lines")
     p.set_defaults(func=cmd_pretrain_vit)
     return parser
