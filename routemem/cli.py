@@ -1,4 +1,4 @@
-"""Command line: ``routemem train | eval | sample | corpora | bench | reproduce``.
+"""Command line: ``routemem train | eval | sample | corpora | bench | reproduce | pretrain-vit``.
 
 A mistake the user can fix (bad path, config typo, corrupt checkpoint) prints one line
 ``routemem: error: ...`` and exits with code 2; no traceback.
@@ -178,6 +178,46 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def cmd_pretrain_vit(args) -> int:
+    from routemem.machine import resolve_device
+    from routemem.models.vit import ViTConfig
+    from routemem.train.vit_pretrain import (
+        PretrainSettings,
+        check_out_path,
+        load_pretraining_images,
+        pretrain_vit,
+        write_pretrained,
+    )
+
+    given = {name: value for name, value in vars(args).items() if value is not None}
+    defaults = PretrainSettings()
+    steps, batch_size = given.get("steps", defaults.steps), given.get("batch_size", defaults.batch_size)
+    lr, val_share = given.get("lr", defaults.lr), given.get("val_share", defaults.val_share)
+    # every check before the data is loaded or a step is taken: a mistake costs no time, writes nothing
+    PretrainSettings(steps=steps, batch_size=batch_size, lr=lr, val_share=val_share)
+    out = check_out_path(args.out)
+    device = resolve_device(args.device)
+    shape = {field: given[flag] for flag, field in (("image_size", "image_size"), ("patch", "patch_size"),
+                                                    ("d_model", "d_model"), ("layers", "n_layer"),
+                                                    ("heads", "n_head")) if flag in given}
+    config = ViTConfig(**shape)
+    config = ViTConfig(**{**shape, "mlp_hidden": 4 * config.d_model})
+    if args.max_classes is not None and args.max_classes < 2:
+        raise UserError(f"--max-classes must be >= 2, got {args.max_classes}")
+    if args.samples_per_class < 2:
+        raise UserError(f"--samples-per-class must be >= 2 (one to train on, one to validate), got "
+                        f"{args.samples_per_class}")
+    images = load_pretraining_images(args.source, size=config.image_size, samples_per_class=args.samples_per_class,
+                                     max_classes=args.max_classes, color=args.color, all_classes=args.all_classes)
+    model, record = pretrain_vit(config, images, steps=steps, batch_size=batch_size, lr=lr, seed=args.seed,
+                                 device=device, val_share=val_share, progress=not args.quiet)
+    weights, sidecar = write_pretrained(model, record, out)
+    print(f"pretrain-vit: {record['n_classes']} classes of {record['source']}, {steps} steps in "
+          f"{record['seconds']:.0f} s: val accuracy {record['val_accuracy']:.3f} (top-5 {record['val_top5']:.3f}, "
+          f"chance {record['chance']:.4f}); wrote {weights} and {sidecar}")
+    return 0
+
+
 def _reproduce_description() -> str:
     from routemem.experiments import ABOUT
 
@@ -260,6 +300,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", metavar="I/N", help="train only runs I, I+N, I+2N, ... (0 <= I < N) into "
                    "OUT/<study>/runs/ and stop; a last run without --shard writes the report")
     p.set_defaults(func=cmd_reproduce)
+    p = sub.add_parser("pretrain-vit", help="pretrain a small ViT on a source's pretraining classes; "
+                       "writes FILE.safetensors and FILE.json",
+                       description="Train a ViT from scratch to classify the pretraining classes of an image "
+                                   "source (the half of its classes that streams never use), so that a backbone "
+                                   "exists without downloads. Writes the weights in the common ViT safetensors "
+                                   "layout and a JSON sidecar (config, validation accuracy, data hash, machine).")
+    p.add_argument("--source", default="glyphs", help="glyphs (default), digits or folder:PATH; the pretraining "
+                   "half of its classes is used (see --all-classes)")
+    p.add_argument("--out", required=True, metavar="FILE.safetensors", help="weights; FILE.json is written beside")
+    # defaults None: the dataclasses' (PretrainSettings, ViTConfig) apply; the help names them
+    # without importing torch here (a test holds the two equal)
+    p.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
+    p.add_argument("--batch-size", type=int, help="images per step (default 64)")
+    p.add_argument("--lr", type=float, help="peak learning rate; warmup 10%% of the steps, cosine to lr/100 "
+                   "(default 0.001)")
+    p.add_argument("--d-model", type=int, help="width; the FFN is 4x wide (default 192)")
+    p.add_argument("--layers", type=int, help="blocks (default 6)")
+    p.add_argument("--heads", type=int, help="attention heads (default 3)")
+    p.add_argument("--patch", type=int, help="patch side in pixels (default 4)")
+    p.add_argument("--image-size", type=int, help="image side in pixels (default 32)")
+    p.add_argument("--samples-per-class", type=int, default=50, help="glyphs: rendered samples per class (default %(default)s)")
+    p.add_argument("--max-classes", type=int, default=None, help="keep this many classes (a fixed choice)")
+    p.add_argument("--all-classes", action="store_true", help="train on every class of the source, not only its "
+                   "pretraining half (for a folder of pretraining data only)")
+    p.add_argument("--color", default="gray", choices=["gray", "rgb"], help="folders: load as gray or RGB")
+    p.add_argument("--val-share", type=float, help="share of each class held out for validation (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="the initialisation, the validation split and the batch "
+                   "order (the glyph renders stay the same) (default %(default)s)")
+    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}",
+                   help="where to train (auto: cuda when torch sees a GPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or evaluation lines")
+    p.set_defaults(func=cmd_pretrain_vit)
     return parser
 
 

@@ -16,6 +16,7 @@ from routemem.bench import fast_slow as fast_slow_bench
 from routemem.bench import palimpsa as palimpsa_bench
 from routemem.bench import sparse as sparse_bench
 from routemem.bench import train as train_bench
+from routemem.bench import vit as vit_bench
 from routemem.bench.common import all_met, median_seconds, row, target
 from routemem.cli import main
 
@@ -62,6 +63,15 @@ def tiny_train(monkeypatch):
     tiny["train"]["batch_size"] = 4
     monkeypatch.setattr(train_bench, "BENCH_CONFIG", tiny)
     monkeypatch.setattr(train_bench, "ROUNDS", {"quick": (3, 3), "full": (), "quick_cuda": (), "full_cuda": ()})
+
+
+@pytest.fixture
+def tiny_vit(monkeypatch):
+    # 8x8 images in 4 patches: 5 tokens, so L2P's 25 prompt tokens make 30 (a factor of 6)
+    monkeypatch.setattr(vit_bench, "SHAPE", {"B": 4, "image_size": 8, "patch": 4, "in_chans": 1, "d_model": 16,
+                                             "n_layer": 2, "n_head": 2})
+    monkeypatch.setattr(vit_bench, "N_CLASSES", 5)
+    monkeypatch.setattr(vit_bench, "CODA_TASKS", 2)
 
 
 def check_shape(result: dict, suite: str, out=None) -> dict:
@@ -359,3 +369,60 @@ def test_interleaved_runs_take_turns_and_keep_every_timed_call():
     runs = interleaved_runs(timers, rounds=2, warmup=1)
     assert calls == ["a", "a", "a", "b", "b", "a", "a", "a", "b", "b"]  # warm-up, then the repeats, in turn
     assert [len(runs["a"]), len(runs["b"])] == [4, 2] and all(t >= 0 for t in runs["a"] + runs["b"])
+
+
+def test_vit_suite_shape_targets_sequences_and_images_per_s(tmp_path, tiny_vit):
+    from routemem.train.trainer import bf16_supported
+
+    out = tmp_path / "b.json"
+    result = run_suite("vit", quick=True, out=str(out), device="cpu")
+    rows = check_shape(result, "vit", out)
+    assert set(rows) == {f"vit/{mode}/{d}" for mode in vit_bench.MODES for d in ("fwd", "fwd+bwd")}
+    precision = "bf16" if bf16_supported(torch.device("cpu")) else "fp32"
+    assert all(r["precision"] == precision and r["B"] == 4 and r["d_model"] == 16 for r in rows.values())
+    info = result["info"]
+    # L2P keeps its 25 tokens through every block; the prefix methods add keys only, at block 0
+    # (both DualPrompt's general and expert layers map to block 0 of 2: their prefixes concatenate)
+    assert info["sequence"]["plain"] == {"queries": [5, 5], "keys": [5, 5]}
+    assert info["sequence"]["l2p"] == {"queries": [30, 30], "keys": [30, 30]}
+    assert info["sequence"]["dualprompt"] == {"queries": [5, 5], "keys": [15, 5]}
+    assert info["sequence"]["coda"] == {"queries": [5, 5], "keys": [9, 5]}  # length 8: 4 keys, 4 values
+    assert info["token_factor"] == {"plain": 1.0, "l2p": 6.0, "dualprompt": 1.0, "coda": 1.0}
+    targets = {t["name"]: t for t in result["targets"]}
+    assert set(targets) == {"l2p_over_plain_fwd_bwd", "dualprompt_over_plain_fwd_bwd", "coda_over_plain_fwd_bwd"}
+    assert targets["l2p_over_plain_fwd_bwd"]["threshold"] == 1.25 * 6
+    assert targets["coda_over_plain_fwd_bwd"]["threshold"] == 1.25
+    for t in targets.values():
+        assert t["comparison"] == "<=" and t["met"] is not None
+        assert t["denominator"] == {"op": "vit", "mode": "plain", "direction": "fwd+bwd"}
+    for mode in vit_bench.MODES:
+        for d in ("fwd", "fwd+bwd"):
+            assert info["images_per_s"][mode][d] == 4 / rows[f"vit/{mode}/{d}"]["median_s"]
+            if mode != "plain":
+                assert info["ratio_vs_plain"][mode][d] == info["images_per_s"][mode][d] / info["images_per_s"]["plain"][d]
+    # 25 more tokens in every block: more activations kept for backward; nothing kept under no_grad
+    assert rows["vit/l2p/fwd+bwd"]["memory_bytes"] > 2 * rows["vit/plain/fwd+bwd"]["memory_bytes"] > 0
+    assert rows["vit/l2p/fwd"]["memory_bytes"] is None
+    assert info["prompt_params"]["l2p"] == 10 * 5 * 16 + 10 * 16  # pool x length x D prompts, pool x D keys
+
+
+def test_vit_suite_times_prompts_that_reach_the_loss(tiny_vit):
+    """Each prompted call builds its prompts from the query inside the timed step and they change the
+    output: the backward reaches the prompt parameters."""
+    vit, modules = vit_bench.build(torch.device("cpu"))
+    inputs = vit_bench.make_inputs(torch.device("cpu"))
+    plain = vit_bench.step_fn(vit, None, inputs, bf16=False)()
+    for mode in ("l2p", "dualprompt", "coda"):
+        module = modules[mode]
+        loss = vit_bench.step_fn(vit, module, inputs, bf16=False)()
+        assert not torch.allclose(loss, plain), mode
+        loss.backward()
+        grads = [p.grad for p in module.parameters() if p.requires_grad]
+        assert grads and any(g is not None and g.abs().sum() > 0 for g in grads), mode
+        module.zero_grad(set_to_none=True)
+
+
+def test_bench_cli_runs_the_vit_suite(capsys, tmp_path, tiny_vit):
+    assert main(["bench", "vit", "--quick", "--device", "cpu", "--out", str(tmp_path / "b.json")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["suite"] == "vit" and printed == json.loads((tmp_path / "b.json").read_text())
