@@ -17,12 +17,14 @@ def _lazy(module: str) -> Callable:
 
 
 STUDIES: dict[str, Callable] = {"apn": _lazy("apn"), "palimpsa": _lazy("palimpsa"), "fast-slow": _lazy("fast_slow"),
-                                 "absorption": _lazy("absorption")}
+                                 "absorption": _lazy("absorption"), "ocl-baselines": _lazy("ocl_baselines")}
 ABOUT: dict[str, str] = {
     "absorption": "Routing absorption: learned vs random sparse-attention gates, zero gradient through hard top-k, "
                   "distilled gates, mask randomisation, attention concentration, APN's router",
     "apn": "Attractor Patch Networks: near-dense perplexity, less forgetting when adapted to a new domain",
     "fast-slow": "Fast-slow coupled attention: neutral at 500k tokens, cost near dense, a positive control, "
                  "the theorem numerically",
+    "ocl-baselines": "Online class-incremental baselines on a small ViT (linear probe, fine-tuning, replay, L2P, "
+                     "DualPrompt, CODA-Prompt): the reference table for RwF",
     "palimpsa": "Palimpsa (metaplastic attention) against GLA, Mamba2 and others on associative recall (MQAR)",
 }
