@@ -65,7 +65,8 @@ class PretrainSettings:
     """The optimisation settings. The defaults train the default ViTConfig (192 wide, 6 blocks,
     2.8M parameters) on the 629 glyph pretraining classes (2.3 epochs of 28305 images) in under 9
     minutes on one loaded CPU core (bf16), to 9% validation accuracy (33% top-5; chance 0.16%):
-    a weak but real backbone. More steps give a stronger one (README: measured numbers)."""
+    a weak but real backbone. More steps give a stronger one: ``--steps 3000`` (6.8 epochs) reached
+    45.5% (88% top-5) in 26 minutes on the same core."""
 
     steps: int = 1000
     batch_size: int = 64
