@@ -56,7 +56,9 @@ class Setting:
     n_head: int = 3
     patch_size: int = 4
     image_size: int = 32
-    pretrain_steps: int = 600
+    # 3000 steps: 45.5% validation accuracy (88% top-5, chance 0.16%) on the 629 pretraining classes
+    # in 26 min on one core; 1000 steps gave 9.3% (measured for `routemem pretrain-vit`)
+    pretrain_steps: int = 3000
     pretrain_batch: int = 64
     pretrain_lr: float = 1e-3
     pretrain_samples: int = 50  # rendered samples per pretraining class
