@@ -44,7 +44,8 @@ def _register(table: dict, kind: str, name: str) -> Callable:
 
 def register_mixer(name: str) -> Callable:
     """Class decorator: ``cls(spec: LayerSpec, **mixer_kwargs)`` maps [B,T,D] -> [B,T,D] causally,
-    and has ``step(x_t [B,D], state) -> (y_t, state)`` and ``state_size()``."""
+    and has ``step(x_t [B,D], state) -> (y_t, state)`` and ``state_size()``. (The ``attention``
+    mixer with ``causal=False`` is the one exception: the ViT's bidirectional blocks, no ``step``.)"""
     return _register(MIXERS, "mixer", name)
 
 
