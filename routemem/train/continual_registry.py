@@ -15,10 +15,12 @@ from routemem.train.continual_prompted import (
     L2PMethod,
 )
 from routemem.train.continual_replay import ExperienceReplay
+from routemem.train.continual_rwf import RwFMethod
 
 # name -> factory(vit, n_classes, n_tasks, **options); each class carries its one-line description
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     LinearProbe, Finetune, ExperienceReplay, L2PMethod, DualPromptMethod, CodaPromptMethod)}
+METHODS[RwFMethod.name] = RwFMethod  # issue 14: Routing without Forgetting
 
 
 def list_methods() -> dict[str, str]:
