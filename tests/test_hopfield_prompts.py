@@ -33,7 +33,8 @@ def images(batch=3):
 
 
 def test_prompts_are_the_hopfield_retrieval_written_out():
-    gen = generator(heads=2, layers=(1,))
+    betas = (0.2, 0.9)  # one per head
+    gen = generator(heads=2, layers=(1,), beta=betas)
     block = gen.blocks["1"]
     with torch.no_grad():  # non-trivial layer norms, so that dropping one would show
         for norm in (block.norm_state, block.norm_stored):
@@ -46,11 +47,10 @@ def test_prompts_are_the_hopfield_retrieval_written_out():
     q = ln(block.state_patterns, block.norm_state) @ block.q_proj.weight.T + block.q_proj.bias
     k = ln(X, block.norm_stored) @ block.k_proj.weight.T + block.k_proj.bias
     v = ln(X, block.norm_stored) @ block.v_proj.weight.T + block.v_proj.bias
-    beta = 1 / math.sqrt(D // 2)  # the default: 1 / sqrt(head dim)
     heads = []
     for h in range(2):
         c = slice(h * 16, (h + 1) * 16)
-        A = torch.softmax(beta * q[:, c] @ k[..., c].transpose(1, 2), dim=-1)  # [B, L_p, T]
+        A = torch.softmax(betas[h] * q[:, c] @ k[..., c].transpose(1, 2), dim=-1)  # [B, L_p, T]
         torch.testing.assert_close(gen.last_weights[1][:, h], A)
         heads.append(A @ v[..., c])
     expected = torch.cat(heads, -1) @ block.out_proj.weight.T + block.out_proj.bias
@@ -164,6 +164,8 @@ def test_defaults():
     assert gen.blocks["0"].state_patterns.std().item() == pytest.approx(0.02, rel=0.1)
     assert gen.blocks["0"].out_proj.bias.abs().sum() == 0 and gen.blocks["0"].out_proj.weight.abs().sum() > 0
     assert HopfieldPromptGenerator(192, 6, heads=3).blocks["0"].beta.flatten().tolist() == [1 / 8] * 3
+    per_head = HopfieldPromptGenerator(192, 6, heads=2, beta=[0.5, 4.0]).blocks["1"].beta.flatten().tolist()
+    assert per_head == [0.5, 4.0]
     plain = HopfieldPromptGenerator(32, 2, norms=False)
     assert not any(isinstance(m, torch.nn.LayerNorm) for m in plain.modules())
 
@@ -177,6 +179,8 @@ def test_defaults():
     ({"train": "keys"}, "train must be one of"),
     ({"heads": 3}, "not divisible by heads=3"),
     ({"beta": 0}, "beta must be"),
+    ({"beta": [1.0, -1.0], "heads": 2}, "beta must be"),
+    ({"beta": [1.0, 2.0]}, "one per head \\(1\\), got 2"),
     ({"steps": 0}, "steps must be an int >= 1"),
     ({"norms": "yes"}, "norms must be true or false"),
 ])

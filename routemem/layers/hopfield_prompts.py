@@ -26,7 +26,8 @@ Defaults (the third-party reading on ViT-B/16, 12 blocks: 3 blocks from layer 0,
 one step), scaled as routemem.layers.prompts scales the other prompt methods: blocks by
 ``scale_layers(0, 3, n_layer)`` (0-1 on 6 blocks, 0 on 3-4); length 10 kept (L2P's and
 CODA-Prompt's lengths are kept too; 10 prompts beside 64 patches); head dim D / heads; beta
-1/sqrt(head dim) per head, fixed (hopfield-layers' scaling); layer norms on the state and stored
+1/sqrt(head dim) for every head (hopfield-layers' scaling; ``beta`` may be one number or one per
+head; fixed, not learned); layer norms on the state and stored
 patterns (``norms=True``, hopfield-layers' default).
 
 Initialisation (the paper states none): state patterns N(0, 0.02) (hopfield-layers' pooling
@@ -63,7 +64,7 @@ TRAINS = ("all", "queries", "output")
 class HopfieldRetrieval(nn.Module):
     """One prompted block's generator: tokens [B, T, D] -> (prompts [B, L_p, D], weights [B, H, L_p, T])."""
 
-    def __init__(self, d_model: int, length: int, heads: int, head_dim: int, beta: float, steps: int, norms: bool):
+    def __init__(self, d_model: int, length: int, heads: int, head_dim: int, beta, steps: int, norms: bool):
         super().__init__()
         self.heads, self.head_dim, self.steps = heads, head_dim, steps
         inner = heads * head_dim
@@ -74,7 +75,8 @@ class HopfieldRetrieval(nn.Module):
         self.k_proj = nn.Linear(d_model, inner)
         self.v_proj = nn.Linear(d_model, inner)
         self.out_proj = nn.Linear(inner, d_model)
-        self.register_buffer("beta", torch.full((heads, 1, 1), float(beta)))  # per head, fixed
+        betas = beta if isinstance(beta, tuple) else (beta,) * heads
+        self.register_buffer("beta", torch.tensor(betas, dtype=torch.float32).view(heads, 1, 1))  # per head, fixed
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -103,7 +105,7 @@ class HopfieldPromptGenerator(nn.Module):
     pool = "cls"
 
     def __init__(self, d_model: int, n_layer: int, *, layers=None, length: int = 10, heads: int = 1,
-                 head_dim: int | None = None, beta: float | None = None, steps: int = 1,
+                 head_dim: int | None = None, beta=None, steps: int = 1,
                  insertion: str = "prompt", norms: bool = True, train: str = "all"):
         super().__init__()
         owner = "HopfieldPromptGenerator"
@@ -121,7 +123,14 @@ class HopfieldPromptGenerator(nn.Module):
                 raise ConfigError(f"{owner}: d_model={d_model} is not divisible by heads={heads} (or give head_dim)")
             head_dim = d_model // heads
         check_int(owner, "head_dim", head_dim)
-        beta = default_beta(head_dim) if beta is None else check_positive(owner, "beta", beta)
+        if beta is None:
+            beta = default_beta(head_dim)
+        if isinstance(beta, (list, tuple)):  # one per head
+            if len(beta) != heads:
+                raise ConfigError(f"{owner}: beta must be one number or one per head ({heads}), got {len(beta)}")
+            beta = tuple(check_positive(owner, "beta", b) for b in beta)
+        else:
+            beta = check_positive(owner, "beta", beta)
         if insertion == "prefix" and length % 2:
             raise ConfigError(f"{owner}: prefix insertion splits the prompts into key and value halves: "
                               f"length must be even, got {length}")

@@ -18,7 +18,8 @@ from routemem.train.continual_prompted import PromptMethod
 
 class RwFMethod(PromptMethod):
     """RwF: per prompted block, ``length`` prompts retrieved from the block's tokens by learned
-    state patterns (one Hopfield step, ``heads`` heads, beta 1/sqrt(head dim) unless given),
+    state patterns (one Hopfield step, ``heads`` heads, beta 1/sqrt(head dim) unless given: one
+    number or one per head),
     inserted after CLS and removed after the block (``insertion="prompt"``) or as prefix
     keys/values (``"prefix"``). Defaults: routemem.layers.hopfield_prompts (blocks scaled from 3 of
     12 starting at 0, length 10, 1 head, 1 step, layer norms on, everything trains). ``train``:
@@ -30,7 +31,7 @@ class RwFMethod(PromptMethod):
 
     def __init__(self, vit: VisionTransformer, n_classes: int, n_tasks: int, *, lr: float = 1e-3,
                  train_mask: str = "task", layers=None, length: int = 10, heads: int = 1,
-                 beta: float | None = None, steps: int = 1, insertion: str = "prompt", norms: bool = True,
+                 beta=None, steps: int = 1, insertion: str = "prompt", norms: bool = True,
                  train: str = "all"):
         super().__init__(vit, n_classes, n_tasks, lr=lr, train_mask=train_mask)
         c = self.vit.config
