@@ -32,16 +32,18 @@ def stream():
 def test_rwf_is_registered_with_its_defaults():
     assert "rwf" in list_methods() and "\n" not in list_methods()["rwf"]
     assert method_options("rwf") == {"lr": 1e-3, "train_mask": "task", "layers": None, "length": 10, "heads": 1,
-                                     "beta": None, "steps": 1, "insertion": "prompt", "norms": True, "train": "all"}
+                                     "beta": None, "steps": 1, "insertion": "prompt", "norms": True, "train": "all",
+                                     "retrieval": True}
     method = make_method("rwf", tiny_vit(), N_CLASSES, N_TASKS)
     assert method.prompt.layers == (0,) and method.rebuild_optimizer_each_task and method.frozen_backbone
 
 
-@pytest.mark.parametrize("insertion", ["prompt", "prefix"])
-def test_rwf_runs_a_stream_end_to_end_with_the_backbone_frozen(stream, insertion):
+@pytest.mark.parametrize("options", [{"insertion": "prompt"}, {"insertion": "prefix"}, {"retrieval": False}],
+                         ids=["prompt", "prefix", "static"])
+def test_rwf_runs_a_stream_end_to_end_with_the_backbone_frozen(stream, options):
     vit = tiny_vit()
     original = [p.detach().clone() for p in vit.parameters()]
-    method = make_method("rwf", vit, N_CLASSES, N_TASKS, insertion=insertion, layers=[0, 1], length=4)
+    method = make_method("rwf", vit, N_CLASSES, N_TASKS, layers=[0, 1], length=4, **options)
     backbone = [p.detach().clone() for p in method.vit.backbone_parameters()]
     generator = [p.detach().clone() for p in method.prompt.parameters()]
     head = method.vit.head.weight.detach().clone()

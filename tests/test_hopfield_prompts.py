@@ -128,6 +128,22 @@ def test_train_option_freezes_what_it_says(train, trains):
             assert (p.grad is not None and p.grad.abs().sum() > 0) == (name in trains), name
 
 
+@pytest.mark.parametrize("insertion", ["prompt", "prefix"])
+def test_static_ablation_gives_every_image_the_same_learned_prompt(insertion):
+    vit, gen = frozen_vit(), generator(retrieval=False, insertion=insertion)
+    assert {name for name, _ in gen.named_parameters()} == {"blocks.0.prompt", "blocks.1.prompt"}
+    assert gen.blocks["0"].prompt.shape == (4, D) and gen.blocks["0"].prompt.abs().max() <= 1  # U(-1, 1)
+    x = images(2)
+    logits = vit(x, prompts=gen()[0])
+    assert not torch.allclose(logits, vit(x))
+    for layer in (0, 1):
+        P = gen.last_prompts[layer]
+        assert torch.equal(P[0], P[1]) and torch.equal(P[0], gen.blocks[str(layer)].prompt)
+    assert gen.retrieval_stats() == {}
+    F.cross_entropy(logits, torch.arange(2)).backward()
+    assert all(p.grad.abs().sum() > 0 for p in gen.parameters())
+
+
 def test_more_steps_change_the_prompts():
     X = torch.randn(2, 6, D, dtype=torch.float64)
     one, three = generator(), generator(steps=3)
@@ -183,6 +199,8 @@ def test_defaults():
     ({"beta": [1.0, 2.0]}, "one per head \\(1\\), got 2"),
     ({"steps": 0}, "steps must be an int >= 1"),
     ({"norms": "yes"}, "norms must be true or false"),
+    ({"retrieval": 0}, "retrieval must be true or false"),
+    ({"retrieval": False, "train": "queries"}, "use train='all'"),
 ])
 def test_bad_settings_are_config_errors(options, message):
     with pytest.raises(ConfigError, match=message):

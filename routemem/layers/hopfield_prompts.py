@@ -39,7 +39,9 @@ implies none.
 ``train`` picks what learns, for the ablations: ``"all"`` (default), ``"queries"`` (the state
 patterns Q_l only), ``"output"`` (W_O and its bias only); the rest is frozen (requires_grad off).
 ``layers=()`` prompts nothing: the ViT's output is then exactly the unprompted one (0 prompted
-blocks = a linear probe).
+blocks = a linear probe). ``retrieval=False`` is the no-retrieval ablation: each prompted block gets
+a learned static prompt of the same size ([L_p, D], U(-1, 1) as L2P's and DualPrompt's prompt
+tables), the same for every image, inserted the same way (``train`` must then be "all").
 
 Diagnostics: each call records, detached, the last retrieval weights and prompts per block
 (``last_weights``, ``last_prompts``); ``retrieval_stats()`` summarises the weights' entropy.
@@ -98,6 +100,17 @@ class HopfieldRetrieval(nn.Module):
         return self.out_proj(out.transpose(-3, -2).flatten(-2)), weights
 
 
+class StaticPrompt(nn.Module):
+    """The no-retrieval ablation: a learned prompt [L_p, D], the same for every image."""
+
+    def __init__(self, d_model: int, length: int):
+        super().__init__()
+        self.prompt = nn.Parameter(torch.empty(length, d_model).uniform_(-1.0, 1.0))
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.prompt.expand(tokens.shape[0], *self.prompt.shape), None
+
+
 class HopfieldPromptGenerator(nn.Module):
     """Learned state patterns per prompted block retrieve that block's prompts from its tokens
     (module docstring). ``forward()`` -> (the ViT hook, a zero aux loss)."""
@@ -106,7 +119,7 @@ class HopfieldPromptGenerator(nn.Module):
 
     def __init__(self, d_model: int, n_layer: int, *, layers=None, length: int = 10, heads: int = 1,
                  head_dim: int | None = None, beta=None, steps: int = 1,
-                 insertion: str = "prompt", norms: bool = True, train: str = "all"):
+                 insertion: str = "prompt", norms: bool = True, train: str = "all", retrieval: bool = True):
         super().__init__()
         owner = "HopfieldPromptGenerator"
         check_int(owner, "d_model", d_model)
@@ -116,8 +129,12 @@ class HopfieldPromptGenerator(nn.Module):
         check_int(owner, "steps", steps)
         self.insertion = check_choice(owner, "insertion", insertion, INSERTIONS)
         self.train_what = check_choice(owner, "train", train, TRAINS)
-        if not isinstance(norms, bool):
-            raise ConfigError(f"{owner}: norms must be true or false, got {norms!r}")
+        for name, value in (("norms", norms), ("retrieval", retrieval)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{owner}: {name} must be true or false, got {value!r}")
+        if not retrieval and train != "all":
+            raise ConfigError(f"{owner}: train={train!r} names parts of the retrieval; a static prompt "
+                              "(retrieval=false) trains as a whole: use train='all'")
         if head_dim is None:
             if d_model % heads:
                 raise ConfigError(f"{owner}: d_model={d_model} is not divisible by heads={heads} (or give head_dim)")
@@ -139,9 +156,9 @@ class HopfieldPromptGenerator(nn.Module):
                 or len(set(layers)) != len(layers):
             raise ConfigError(f"{owner}: layers must be distinct ints in 0..{n_layer - 1}, got {layers}")
         self.layers, self.length, self.heads, self.head_dim = tuple(sorted(layers)), length, heads, head_dim
-        self.beta, self.steps = beta, steps
+        self.beta, self.steps, self.retrieval, self.d_model = beta, steps, retrieval, d_model
         self.blocks = nn.ModuleDict({str(i): HopfieldRetrieval(d_model, length, heads, head_dim, beta, steps, norms)
-                                     for i in self.layers})
+                                     if retrieval else StaticPrompt(d_model, length) for i in self.layers})
         self.register_buffer("_zero", torch.zeros(()), persistent=False)  # the aux loss, on our device/dtype
         self._freeze(train)
         self.last_weights: dict[int, torch.Tensor] = {}
@@ -157,11 +174,12 @@ class HopfieldPromptGenerator(nn.Module):
         """The prompts P_l [B, L_p, D] of prompted block ``layer`` from its input tokens [B, T, D]."""
         if layer not in self.layers:
             raise ValueError(f"block {layer} is not prompted (prompted: {self.layers})")
-        if tokens.dim() != 3 or tokens.shape[-1] != self.blocks[str(layer)].state_patterns.shape[-1]:
-            raise ValueError(f"tokens must be [batch, length, {self.blocks[str(layer)].state_patterns.shape[-1]}], "
-                             f"got shape {tuple(tokens.shape)}")
+        if tokens.dim() != 3 or tokens.shape[-1] != self.d_model:
+            raise ValueError(f"tokens must be [batch, length, {self.d_model}], got shape {tuple(tokens.shape)}")
         prompts, weights = self.blocks[str(layer)](tokens)
-        self.last_weights[layer], self.last_prompts[layer] = weights.detach(), prompts.detach()
+        if weights is not None:  # a static prompt retrieves nothing
+            self.last_weights[layer] = weights.detach()
+        self.last_prompts[layer] = prompts.detach()
         return prompts
 
     def prompt_for(self, layer: int, tokens: torch.Tensor):
