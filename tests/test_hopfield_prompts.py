@@ -95,6 +95,22 @@ def test_both_insertions_run_through_the_vit_and_change_its_output(insertion):
     assert logits.shape == (3, 5) and not torch.allclose(logits, vit(x))
 
 
+@pytest.mark.parametrize("insertion", ["prompt", "prefix"])
+def test_a_zero_output_projection_is_not_a_zero_effect_init(insertion):
+    # why the init is not zero-effect: zero prompts still take attention mass (a zero prompt token's
+    # key is the projected norm bias; a zero prefix key scores 0 for every query), so no choice of
+    # W_O leaves the frozen ViT's output unchanged
+    vit, gen = frozen_vit(), generator(insertion=insertion)
+    with torch.no_grad():
+        for block in gen.blocks.values():
+            block.out_proj.weight.zero_()
+            block.out_proj.bias.zero_()
+    x = images()
+    prompted = vit(x, prompts=gen()[0])
+    assert all(P.abs().max() == 0 for P in gen.last_prompts.values())
+    assert (prompted - vit(x)).abs().max() > 1e-6
+
+
 def test_no_prompted_blocks_leaves_the_vit_exactly_as_it_is():
     vit, gen = frozen_vit(), generator(layers=())
     x = images()
