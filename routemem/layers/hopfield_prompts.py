@@ -27,8 +27,9 @@ one step), scaled as routemem.layers.prompts scales the other prompt methods: bl
 ``scale_layers(0, 3, n_layer)`` (0-1 on 6 blocks, 0 on 3-4); length 10 kept (L2P's and
 CODA-Prompt's lengths are kept too; 10 prompts beside 64 patches); head dim D / heads; beta
 1/sqrt(head dim) for every head (hopfield-layers' scaling; ``beta`` may be one number or one per
-head; fixed, not learned); layer norms on the state and stored
-patterns (``norms=True``, hopfield-layers' default).
+head; fixed, not learned); layer norms on the state and stored patterns (``norms=True``,
+hopfield-layers' default). Size: about 4 D (H Dh) + L_p D per prompted block, 4 D^2 with one head
+of width D (151k parameters per block on D = 192; L2P's whole pool is 11.5k): ``head_dim`` shrinks it.
 
 Initialisation (the paper states none): state patterns N(0, 0.02) (hopfield-layers' pooling
 weights), projections xavier-uniform with zero biases (torch's and hopfield-layers' attention
