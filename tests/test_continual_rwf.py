@@ -9,7 +9,12 @@ import torch
 from routemem.data import make_imageset, make_stream
 from routemem.errors import ConfigError
 from routemem.models import VisionTransformer, ViTConfig
-from routemem.train.continual import list_methods, make_method, method_options, run_stream
+from routemem.train.continual import (
+    list_methods,
+    make_method,
+    method_options,
+    run_stream,
+)
 
 N_CLASSES, N_TASKS = 6, 3
 

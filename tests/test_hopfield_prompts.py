@@ -192,12 +192,16 @@ def test_defaults():
     assert gen.length == 10 and gen.heads == 1 and gen.head_dim == 192 and gen.steps == 1
     assert gen.insertion == "prompt" and gen.train_what == "all" and gen.pool == "cls"
     assert gen.beta == pytest.approx(1 / math.sqrt(192))
-    assert torch.equal(gen.blocks["0"].beta, torch.full((1, 1, 1), 1 / math.sqrt(192)))
+    assert torch.equal(gen.blocks["0"].beta, torch.full((1, 1, 1), 1 / math.sqrt(192), dtype=torch.float64))
     assert gen.blocks["0"].state_patterns.std().item() == pytest.approx(0.02, rel=0.1)
     assert gen.blocks["0"].out_proj.bias.abs().sum() == 0 and gen.blocks["0"].out_proj.weight.abs().sum() > 0
     assert HopfieldPromptGenerator(192, 6, heads=3).blocks["0"].beta.flatten().tolist() == [1 / 8] * 3
     per_head = HopfieldPromptGenerator(192, 6, heads=2, beta=[0.5, 4.0]).blocks["1"].beta.flatten().tolist()
     assert per_head == [0.5, 4.0]
+    narrow = HopfieldPromptGenerator(32, 2, heads=2, head_dim=8, layers=(0,)).double()
+    assert narrow.blocks["0"].q_proj.out_features == 16 and narrow.blocks["0"].out_proj.in_features == 16
+    assert narrow.blocks["0"].beta.flatten().tolist() == [1 / math.sqrt(8)] * 2
+    assert narrow.generate(0, torch.randn(2, 5, 32, dtype=torch.float64)).shape == (2, 10, 32)
     plain = HopfieldPromptGenerator(32, 2, norms=False)
     assert not any(isinstance(m, torch.nn.LayerNorm) for m in plain.modules())
 

@@ -8,7 +8,12 @@ import math
 import pytest
 import torch
 
-from routemem.ops import default_beta, hopfield_energy, hopfield_retrieve, hopfield_state_energy
+from routemem.ops import (
+    default_beta,
+    hopfield_energy,
+    hopfield_retrieve,
+    hopfield_state_energy,
+)
 
 H, LQ, N, D, DV = 2, 3, 7, 5, 4
 

@@ -79,7 +79,8 @@ class HopfieldRetrieval(nn.Module):
         self.v_proj = nn.Linear(d_model, inner)
         self.out_proj = nn.Linear(inner, d_model)
         betas = beta if isinstance(beta, tuple) else (beta,) * heads
-        self.register_buffer("beta", torch.tensor(betas, dtype=torch.float32).view(heads, 1, 1))  # per head, fixed
+        # per head, fixed; float64 so that a float64 module holds it exactly (forward casts to the tokens' dtype)
+        self.register_buffer("beta", torch.tensor(betas, dtype=torch.float64).view(heads, 1, 1))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

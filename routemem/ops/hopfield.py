@@ -32,7 +32,7 @@ import math
 
 import torch
 
-__all__ = ["default_beta", "hopfield_retrieve", "hopfield_energy", "hopfield_state_energy"]
+__all__ = ["default_beta", "hopfield_energy", "hopfield_retrieve", "hopfield_state_energy"]
 
 
 def default_beta(d: int) -> float:
