@@ -14,4 +14,4 @@ from routemem.ops.metaplastic import metaplastic_attention
 __all__ = ["patch_mixture", "route", "causal_block_pool", "block_broadcast", "block_causal_attention",
            "gated_delta_rule", "gated_linear_attention", "metaplastic_attention",
            "attention_probs", "gate_scores", "gated_attention", "oracle_mask", "random_causal_mask", "topk_mask"]
-__all__ += ["default_beta", "hopfield_retrieve", "hopfield_energy", "hopfield_state_energy"]
+__all__ += ["default_beta", "hopfield_energy", "hopfield_retrieve", "hopfield_state_energy"]
