@@ -37,8 +37,8 @@ def stream():
 def test_rwf_is_registered_with_its_defaults():
     assert "rwf" in list_methods() and "\n" not in list_methods()["rwf"]
     assert method_options("rwf") == {"lr": 1e-3, "train_mask": "task", "layers": None, "length": 10, "heads": 1,
-                                     "beta": None, "steps": 1, "insertion": "prompt", "norms": True, "train": "all",
-                                     "retrieval": True}
+                                     "head_dim": None, "beta": None, "steps": 1, "insertion": "prompt",
+                                     "norms": True, "train": "all", "retrieval": True}
     method = make_method("rwf", tiny_vit(), N_CLASSES, N_TASKS)
     assert method.prompt.layers == (0,) and method.rebuild_optimizer_each_task and method.frozen_backbone
 

@@ -18,10 +18,9 @@ from routemem.train.continual_prompted import PromptMethod
 
 class RwFMethod(PromptMethod):
     """RwF: per prompted block, ``length`` prompts retrieved from the block's tokens by learned
-    state patterns (one Hopfield step, ``heads`` heads, beta 1/sqrt(head dim) unless given: one
-    number or one per head),
-    inserted after CLS and removed after the block (``insertion="prompt"``) or as prefix
-    keys/values (``"prefix"``). Defaults: routemem.layers.hopfield_prompts (blocks scaled from 3 of
+    state patterns (``steps`` Hopfield steps, ``heads`` heads of ``head_dim`` (default D / heads),
+    beta 1/sqrt(head dim) unless given: one number or one per head), inserted after CLS and removed
+    after the block (``insertion="prompt"``) or as prefix keys/values (``"prefix"``). Defaults: routemem.layers.hopfield_prompts (blocks scaled from 3 of
     12 starting at 0, length 10, 1 head, 1 step, layer norms on, everything trains). ``train``:
     "all", "queries" (state patterns only) or "output" (output projection only), the head always;
     ``layers=[]``: no prompted block (a linear probe with the task mask); ``retrieval=False``: a
@@ -32,13 +31,13 @@ class RwFMethod(PromptMethod):
 
     def __init__(self, vit: VisionTransformer, n_classes: int, n_tasks: int, *, lr: float = 1e-3,
                  train_mask: str = "task", layers=None, length: int = 10, heads: int = 1,
-                 beta=None, steps: int = 1, insertion: str = "prompt", norms: bool = True,
-                 train: str = "all", retrieval: bool = True):
+                 head_dim: int | None = None, beta=None, steps: int = 1, insertion: str = "prompt",
+                 norms: bool = True, train: str = "all", retrieval: bool = True):
         super().__init__(vit, n_classes, n_tasks, lr=lr, train_mask=train_mask)
         c = self.vit.config
         self._attach(HopfieldPromptGenerator(c.d_model, c.n_layer, layers=layers, length=length, heads=heads,
-                                             beta=beta, steps=steps, insertion=insertion, norms=norms,
-                                             train=train, retrieval=retrieval))
+                                             head_dim=head_dim, beta=beta, steps=steps, insertion=insertion,
+                                             norms=norms, train=train, retrieval=retrieval))
 
     def _logits(self, images, training):
         hook, aux = self.prompt()  # no frozen query: the generator reads each block's tokens
