@@ -20,11 +20,12 @@ class RwFMethod(PromptMethod):
     """RwF: per prompted block, ``length`` prompts retrieved from the block's tokens by learned
     state patterns (``steps`` Hopfield steps, ``heads`` heads of ``head_dim`` (default D / heads),
     beta 1/sqrt(head dim) unless given: one number or one per head), inserted after CLS and removed
-    after the block (``insertion="prompt"``) or as prefix keys/values (``"prefix"``). Defaults: routemem.layers.hopfield_prompts (blocks scaled from 3 of
-    12 starting at 0, length 10, 1 head, 1 step, layer norms on, everything trains). ``train``:
-    "all", "queries" (state patterns only) or "output" (output projection only), the head always;
-    ``layers=[]``: no prompted block (a linear probe with the task mask); ``retrieval=False``: a
-    learned static prompt of the same size per block instead (the no-retrieval ablation)."""
+    after the block (``insertion="prompt"``) or as prefix keys/values (``"prefix"``). Defaults:
+    routemem.layers.hopfield_prompts (blocks scaled from 3 of 12 starting at 0, length 10, 1 head,
+    1 step, layer norms on, everything trains). ``train``: "all", "queries" (state patterns only)
+    or "output" (output projection only), the head always; ``layers=[]``: no prompted block (a
+    linear probe with the task mask); ``retrieval=False``: a learned static prompt of the same size
+    per block instead (the no-retrieval ablation)."""
 
     name = "rwf"
     description = "RwF: per-block prompts retrieved from the block's tokens by one Hopfield step"
