@@ -1,4 +1,4 @@
-"""The online class-incremental loop and its six methods, on tiny ViTs and synthetic image sets."""
+"""The online class-incremental loop and its methods (the six baselines and rwf), on tiny ViTs and synthetic image sets."""
 
 import json
 
@@ -22,7 +22,7 @@ from routemem.train.continual_methods import LinearProbe
 from routemem.train.continual_replay import ReservoirBuffer
 
 N_CLASSES, N_TASKS = 6, 3
-FROZEN = ("linear-probe", "l2p", "dualprompt", "coda-prompt")
+FROZEN = ("linear-probe", "l2p", "dualprompt", "coda-prompt", "rwf")
 
 
 def tiny_vit(n_classes=5) -> VisionTransformer:
@@ -329,8 +329,8 @@ def test_reservoir_keeps_each_sample_with_probability_capacity_over_n():
 # --- registry and bad input --------------------------------------------------------------------
 
 
-def test_registry_lists_six_methods_with_descriptions():
-    assert list(list_methods()) == ["linear-probe", "finetune", "er", "l2p", "dualprompt", "coda-prompt"]
+def test_registry_lists_seven_methods_with_descriptions():
+    assert list(list_methods()) == ["linear-probe", "finetune", "er", "l2p", "dualprompt", "coda-prompt", "rwf"]
     assert all(d and "\n" not in d for d in list_methods().values())
     assert method_options("er") == {"lr": 1e-4, "train_mask": "seen", "buffer_size": 500}
     assert method_options("l2p")["lr"] == 1e-3 and method_options("l2p")["train_mask"] == "task"
