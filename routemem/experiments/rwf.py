@@ -47,7 +47,12 @@ import torch
 from routemem.errors import DataError
 from routemem.experiments import ocl_baselines, rwf_claims, rwf_report
 from routemem.experiments.common import RunCache, write_outputs
-from routemem.experiments.ocl_baselines import backbone_path, digits_available, pretrain_backbone, stream_images
+from routemem.experiments.ocl_baselines import (
+    backbone_path,
+    digits_available,
+    pretrain_backbone,
+    stream_images,
+)
 from routemem.experiments.runner import Execution, Unit, run_units
 from routemem.machine import machine_header
 

@@ -32,10 +32,10 @@ def _stats(values: list) -> str:
 
 def _claims_section(results: dict) -> list[str]:
     lines = ["## Claims", "",
-             "Rules fixed in `routemem/experiments/rwf.py` and `rwf_claims.py` before the runs: the shared "
+             ("Rules fixed in `routemem/experiments/rwf.py` and `rwf_claims.py` before the runs: the shared "
              "directional rule (means apart in the claimed direction with mean ± std intervals disjoint; fewer "
              "than two seeds: inconclusive); claims (1) and (2) combine one verdict per (prompt baseline, metric) "
-             "pair: all reproduced -> reproduced, any against -> not reproduced, else inconclusive.", "",
+             "pair: all reproduced -> reproduced, any against -> not reproduced, else inconclusive."), "",
              markdown_table(["claim", "verdict", "why"],
                             [[f"{c['statement']} (`{c['id']}`)", c["verdict"], c["why"]] for c in results["claims"]])]
     for claim in results["claims"]:
@@ -77,12 +77,12 @@ def _diagnostics_section(results: dict) -> list[str]:
         rows.append([stream, arm, block, *(_stats([d[key] for d in done]) for key, _ in DIAGNOSTICS)])
     samples = runs[0]["retrieval"]["samples"]
     return ["", "## Retrieval diagnostics", "",
-            f"At the end of each rwf run with retrieval, one forward pass over {samples} test images (a seeded "
+            (f"At the end of each rwf run with retrieval, one forward pass over {samples} test images (a seeded "
             "draw over every class): per prompted block, the entropy of the retrieval weights over the block's "
             "T tokens divided by log T (1 = uniform, 0 = one token), the mean largest weight, and how the "
             "prompts differ across classes: each image's prompts flattened and centred on the mean over the "
             "images, the mean cosine between images of the same class and of different classes, and their "
-            "difference (> 0: prompts carry class information). Mean ± std over seeds.", "",
+            "difference (> 0: prompts carry class information). Mean ± std over seeds."), "",
             markdown_table(["stream", "arm", "block", *(label for _, label in DIAGNOSTICS)], rows)]
 
 
@@ -92,17 +92,17 @@ def report(results: dict, setting) -> str:
     lines = [
         f"# Routing without Forgetting against the online baselines ({results['mode']})",
         "",
-        f"A ViT (d_model {setting.d_model}, {setting.n_layer} layers, {setting.n_head} heads, patch "
+        (f"A ViT (d_model {setting.d_model}, {setting.n_layer} layers, {setting.n_head} heads, patch "
         f"{setting.patch_size}, {setting.image_size}x{setting.image_size} grayscale) pretrained for "
         f"{setting.pretrain_steps} steps of {setting.pretrain_batch} images on {backbone['n_classes']} glyph "
         f"pretraining classes (ocl-baselines' protocol): validation accuracy {backbone['val_accuracy']:.3f} "
         f"(chance {backbone['chance']:.4f}). RwF and the six baselines then learn each stream online from that "
         f"backbone: {setting.n_tasks} tasks, batches of {setting.batch_size}, one pass, no task ids at test time; "
         f"seeds {list(setting.seeds)}. This invocation took {results['seconds'] / 60:.1f} min "
-        f"({results['runs_reused']} units reused from the cache), on {where_trained(results)}.",
+        f"({results['runs_reused']} units reused from the cache), on {where_trained(results)}."),
         "",
-        *(["Quick mode is a smoke test of the whole pipeline (a small backbone, few classes, two seeds); its "
-           "verdicts say nothing about the paper.", ""] if results["mode"] == "quick" else []),
+        *([("Quick mode is a smoke test of the whole pipeline (a small backbone, few classes, two seeds); its "
+           "verdicts say nothing about the paper."), ""] if results["mode"] == "quick" else []),
         *([f"Skipped: {', '.join(results['data']['skipped'])} (scikit-learn is not installed).", ""]
           if results["data"]["skipped"] else []),
         *_claims_section(results),
@@ -112,15 +112,15 @@ def report(results: dict, setting) -> str:
         about = STREAM_TEXT.get(stream, stream).format(shots=setting.shots, disjoint=setting.disjoint_share,
                                                        blurry=setting.blurry_share)
         lines += ["", f"## {stream} stream", "",
-                  f"{about}; {first['n_classes']} classes, {first['train_samples']} training samples. Accuracies "
+                  (f"{about}; {first['n_classes']} classes, {first['train_samples']} training samples. Accuracies "
                   "are fractions, mean ± std over seeds; forgetting and BWT from the accuracy matrix; A_auc: the "
                   f"anytime-accuracy curve ({setting.anytime_points} evaluations on the classes seen so far) "
-                  "averaged over the stream.", "", ocl_report._table(runs, stream, setting.methods)]
+                  "averaged over the stream."), "", ocl_report._table(runs, stream, setting.methods)]
     lines += _ablation_section(results, setting)
     lines += _diagnostics_section(results)
-    lines += ["", "Plots: `accuracy_matrices.png` (R[i, j], mean over seeds, per stream and method), `anytime.png` "
+    lines += ["", ("Plots: `accuracy_matrices.png` (R[i, j], mean over seeds, per stream and method), `anytime.png` "
               "(accuracy on the classes seen so far along each stream); the same for the ablations in "
-              "`ablations/`."]
+              "`ablations/`.")]
     return "\n".join(lines) + "\n"
 
 
