@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 
 from routemem.cli import main
-from routemem.experiments import rwf, rwf_claims
-from routemem.experiments.common import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
+from routemem.experiments import ocl_baselines, rwf, rwf_claims
+from routemem.experiments.common import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, RunCache
 
 TINY = replace(rwf.QUICK, d_model=32, n_layer=2, n_head=2, patch_size=8, image_size=16, pretrain_steps=4,
                pretrain_batch=16, pretrain_samples=4, pretrain_classes=12, glyph_classes=6, glyph_samples=10,
@@ -138,3 +138,27 @@ def test_cli_reproduce_rwf_resumes_without_retraining(tmp_path, monkeypatch, cap
     monkeypatch.setattr(rwf, "pretrain_backbone", lambda *a: pytest.fail("the backbone was trained again"))
     again = rwf.run(out=tmp_path, quick=True)
     assert again["runs_reused"] == 4  # the backbone, l2p, rwf and rwf:static
+
+
+def test_the_backbone_is_copied_from_ocl_baselines_only_when_its_fields_match(tmp_path, monkeypatch):
+    theirs = replace(ocl_baselines.QUICK, **{f: getattr(TINY, f) for f in rwf.BACKBONE_FIELDS}, anytime_points=5)
+    source = tmp_path / "ocl-baselines"
+    record = ocl_baselines.pretrain_backbone(theirs, str(source))
+    RunCache(source / "runs", asdict(theirs)).put("backbone", record, {"device": "cpu", "cpu": "elsewhere"})
+    trained = []
+
+    def pretrain(*args):
+        trained.append(args)
+        return ocl_baselines.pretrain_backbone(*args)
+
+    monkeypatch.setattr(rwf, "pretrain_backbone", pretrain)
+    small = replace(TINY, methods=("linear-probe",), streams=("glyphs",), ablations=())
+    results = rwf.run(out=tmp_path, setting=small, device="cpu")
+    assert not trained and results["backbone"]["copied_from"] == str(source / "runs" / "backbone.safetensors")
+    assert (tmp_path / "rwf" / "runs" / "backbone.safetensors").read_bytes() == \
+        (source / "runs" / "backbone.safetensors").read_bytes()
+    assert results["runs_reused"] == 1 and {"cpu": "elsewhere"}.items() <= results["execution"]["trained_on"][0].items()
+    # one backbone field differs: pretrained here, nothing copied
+    (tmp_path / "rwf" / "runs" / "backbone.safetensors").unlink()
+    results = rwf.run(out=tmp_path, setting=replace(small, pretrain_steps=TINY.pretrain_steps + 1), device="cpu")
+    assert len(trained) == 1 and "copied_from" not in results["backbone"]

@@ -32,11 +32,16 @@ average accuracy (the directional rule; "reproduced" says the removed or changed
 sentence, computed from the numbers, on which ablation costs most.
 
 Units of work (``--jobs`` / ``--shard``): the backbone (ocl_baselines.pretrain_backbone: the same
-setting fields give the same backbone), then one per (stream, arm, seed).
+setting fields give the same backbone; copied from OUT/ocl-baselines when that study, run into the
+same folder, pretrained it with the same fields), then one per (stream, arm, seed).
+
+Budget (the full setting, estimated from per-image times measured on this 2-core VM under load,
+one thread): runs about 2.5 h, plus 26 min of pretraining unless the backbone is copied.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -45,6 +50,7 @@ import numpy as np
 import torch
 
 from routemem.errors import DataError
+from routemem.fileio import write_bytes_atomic
 from routemem.experiments import ocl_baselines, rwf_claims, rwf_report
 from routemem.experiments.common import RunCache, write_outputs
 from routemem.experiments.ocl_baselines import (
@@ -81,10 +87,17 @@ class Setting(ocl_baselines.Setting):
     disjoint_share: float = 0.5  # Si-Blurry's N: share of disjoint classes in the blurry stream
     blurry_share: float = 0.1  # Si-Blurry's M: share of a blurry class's samples in other tasks
     ablations: tuple[str, ...] = tuple(ABLATIONS)
-    diagnostic_samples: int = 200  # test images the end-of-stream retrieval diagnostics use
+    diagnostic_samples: int = 200  # about this many test images (>= 2 a class) for the retrieval diagnostics
 
 
-FULL = Setting()
+# every field pretrain_backbone reads: equal fields, the same (seeded) backbone
+BACKBONE_FIELDS = ("d_model", "n_layer", "n_head", "patch_size", "image_size", "pretrain_steps", "pretrain_batch",
+                   "pretrain_lr", "pretrain_samples", "pretrain_classes")
+# 10 anytime evaluations, not ocl-baselines' 20: each evaluates every test image of the classes seen
+# so far (a forward, ~6 ms an image on the full ViT, one thread), so with 20 the evaluations of the
+# glyph stream (12k forwards a run) cost twice its training (4k steps of 5-26 ms) and the full study
+# would need about 4 h here
+FULL = Setting(anytime_points=10)
 QUICK = Setting(**{**asdict(ocl_baselines.QUICK), "methods": METHODS, "streams": STREAMS})
 
 
@@ -114,6 +127,27 @@ def ablation_arms(setting: Setting) -> tuple[dict[str, dict], dict[str, str]]:
 
 def arm_name(ablation: str) -> str:
     return f"rwf:{ablation}"
+
+
+def borrow_backbone(setting: Setting, study_dir: Path, cache: RunCache) -> bool:
+    """Copy the ocl-baselines study's backbone from the same output folder into this study's cache
+    when it was pretrained with this setting's ``BACKBONE_FIELDS`` (sparing the full setting's 26
+    min of pretraining); True if it did. Nothing is copied when this study has its backbone."""
+    source = study_dir.parent / "ocl-baselines"
+    if backbone_path(study_dir).exists() or not backbone_path(source).exists():
+        return False
+    try:
+        cached = json.loads((source / "runs" / "backbone.json").read_text())
+        theirs, record = cached["setting"], cached["run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    ours = json.loads(json.dumps(asdict(setting)))
+    if any(theirs.get(field) != ours[field] for field in BACKBONE_FIELDS):
+        return False
+    backbone_path(study_dir).parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(backbone_path(study_dir), backbone_path(source).read_bytes())
+    cache.put("backbone", {**record, "copied_from": str(backbone_path(source))}, cached.get("env"))
+    return True
 
 
 # --- one run ---------------------------------------------------------------------------------
@@ -159,14 +193,18 @@ def stream_unit(setting: Setting, stream: str, arm: str, seed: int, study_dir: s
 
 @torch.no_grad()
 def retrieval_diagnostics(method, images, test_indices: np.ndarray, samples: int, seed: int) -> dict | None:
-    """Per prompted block, at the end of the stream, on up to ``samples`` test images (a seeded
-    draw): the retrieval weights' entropy and how the prompts differ across classes. None when the
-    arm retrieves nothing (no prompted block, or a static prompt)."""
+    """Per prompted block, at the end of the stream, on about ``samples`` test images (the same
+    number from each class, at least 2 so that every class has a within-class pair; a seeded draw):
+    the retrieval weights' entropy and how the prompts differ across classes. None when the arm
+    retrieves nothing (no prompted block, or a static prompt)."""
     generator = method.prompt
     if not generator.layers or not generator.retrieval:
         return None
     rng = np.random.default_rng([seed, 14])
-    chosen = np.sort(rng.choice(test_indices, size=min(samples, len(test_indices)), replace=False))
+    classes = np.unique(images.labels[test_indices])
+    per_class = max(2, -(-samples // len(classes)))
+    chosen = np.sort(np.concatenate([rng.permutation(test_indices[images.labels[test_indices] == c])[:per_class]
+                                     for c in classes]))
     ref = method.vit.head.weight
     batch = torch.from_numpy(images.images[chosen]).to(device=ref.device, dtype=ref.dtype)
     method.predict(batch)  # one forward: the generator keeps this batch's weights and prompts
@@ -201,6 +239,7 @@ def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Se
     cache = RunCache(study_dir / "runs", asdict(setting))
     if not backbone_path(study_dir).exists():
         (study_dir / "runs" / "backbone.json").unlink(missing_ok=True)  # a record without its weights
+    borrow_backbone(setting, study_dir, cache)
     backbone = run_units([Unit("backbone", pretrain_backbone, (setting, str(study_dir), execution.device.type))],
                          cache, replace(execution, shard=None, jobs=1), label="backbone")
     if not backbone_path(study_dir).exists():

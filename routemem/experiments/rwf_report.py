@@ -72,18 +72,18 @@ def _diagnostics_section(results: dict) -> list[str]:
     keys = sorted({(r["stream"], r["method"], block) for r in runs for block in r["retrieval"]["blocks"]},
                   key=lambda k: (results["data"]["streams"].index(k[0]), k[1], int(k[2])))
     for stream, arm, block in keys:
-        done = [r["retrieval"]["blocks"][block] for r in runs
+        done = [r["retrieval"] for r in runs
                 if r["stream"] == stream and r["method"] == arm and block in r["retrieval"]["blocks"]]
-        rows.append([stream, arm, block, *(_stats([d[key] for d in done]) for key, _ in DIAGNOSTICS)])
-    samples = runs[0]["retrieval"]["samples"]
+        rows.append([stream, arm, block, done[0]["samples"],
+                     *(_stats([d["blocks"][block][key] for d in done]) for key, _ in DIAGNOSTICS)])
     return ["", "## Retrieval diagnostics", "",
-            (f"At the end of each rwf run with retrieval, one forward pass over {samples} test images (a seeded "
-            "draw over every class): per prompted block, the entropy of the retrieval weights over the block's "
+            ("At the end of each rwf run with retrieval, one forward pass over the test images in column "
+            "`images` (the same number from each class, at least 2, a seeded draw): per prompted block, the entropy of the retrieval weights over the block's "
             "T tokens divided by log T (1 = uniform, 0 = one token), the mean largest weight, and how the "
             "prompts differ across classes: each image's prompts flattened and centred on the mean over the "
             "images, the mean cosine between images of the same class and of different classes, and their "
             "difference (> 0: prompts carry class information). Mean ± std over seeds."), "",
-            markdown_table(["stream", "arm", "block", *(label for _, label in DIAGNOSTICS)], rows)]
+            markdown_table(["stream", "arm", "block", "images", *(label for _, label in DIAGNOSTICS)], rows)]
 
 
 def report(results: dict, setting) -> str:
