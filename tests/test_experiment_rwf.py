@@ -13,7 +13,12 @@ import torch
 
 from routemem.cli import main
 from routemem.experiments import ocl_baselines, rwf, rwf_claims
-from routemem.experiments.common import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, RunCache
+from routemem.experiments.common import (
+    INCONCLUSIVE,
+    NOT_REPRODUCED,
+    REPRODUCED,
+    RunCache,
+)
 
 TINY = replace(rwf.QUICK, d_model=32, n_layer=2, n_head=2, patch_size=8, image_size=16, pretrain_steps=4,
                pretrain_batch=16, pretrain_samples=4, pretrain_classes=12, glyph_classes=6, glyph_samples=10,

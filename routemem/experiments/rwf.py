@@ -50,7 +50,6 @@ import numpy as np
 import torch
 
 from routemem.errors import DataError
-from routemem.fileio import write_bytes_atomic
 from routemem.experiments import ocl_baselines, rwf_claims, rwf_report
 from routemem.experiments.common import RunCache, write_outputs
 from routemem.experiments.ocl_baselines import (
@@ -60,6 +59,7 @@ from routemem.experiments.ocl_baselines import (
     stream_images,
 )
 from routemem.experiments.runner import Execution, Unit, run_units
+from routemem.fileio import write_bytes_atomic
 from routemem.machine import machine_header
 
 METHODS = (*ocl_baselines.METHODS, "rwf")
