@@ -32,11 +32,11 @@ ABLATION_METRIC = "final_average_accuracy"
 ABLATION_MEANING = {
     "blocks-0": "no prompted block (a linear probe with the task mask)",
     "blocks-1": "one prompted block (block 0)",
-    "blocks-all": "every block prompted",
+    "blocks-all": "prompting every block",
     "steps-3": "three Hopfield update steps instead of one",
     "static": "a learned static prompt of the same size (no retrieval)",
-    "train-queries": "only the state patterns (queries) train",
-    "train-output": "only the output projection trains",
+    "train-queries": "training only the state patterns (queries)",
+    "train-output": "training only the output projection",
 }
 
 
