@@ -18,6 +18,7 @@ def _lazy(module: str) -> Callable:
 
 STUDIES: dict[str, Callable] = {"apn": _lazy("apn"), "palimpsa": _lazy("palimpsa"), "fast-slow": _lazy("fast_slow"),
                                  "absorption": _lazy("absorption"), "ocl-baselines": _lazy("ocl_baselines")}
+STUDIES["rwf"] = _lazy("rwf")  # issue 14
 ABOUT: dict[str, str] = {
     "absorption": "Routing absorption: learned vs random sparse-attention gates, zero gradient through hard top-k, "
                   "distilled gates, mask randomisation, attention concentration, APN's router",
@@ -27,4 +28,6 @@ ABOUT: dict[str, str] = {
     "ocl-baselines": "Online class-incremental baselines on a small ViT (linear probe, fine-tuning, replay, L2P, "
                      "DualPrompt, CODA-Prompt): the reference table for RwF",
     "palimpsa": "Palimpsa (metaplastic attention) against GLA, Mamba2 and others on associative recall (MQAR)",
+    "rwf": "Routing without Forgetting against the OCL baselines (glyphs, digits, few-shot, Si-Blurry), "
+           "its ablations and retrieval diagnostics",
 }
