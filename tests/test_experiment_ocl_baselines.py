@@ -52,7 +52,10 @@ def test_tiny_study_writes_results_report_and_plots(tmp_path):
         assert all(R[i][j] is None for i in range(TINY.n_tasks) for j in range(i + 1, TINY.n_tasks))
         assert run["train_samples"] == TINY.glyph_classes * 8  # 10 per class, 20% held out
     assert results["backbone"]["n_classes"] == TINY.pretrain_classes
-    assert (study / "runs" / "backbone.safetensors").stat().st_size > 0
+    assert (study / "runs" / "backbone-vit.safetensors").stat().st_size > 0
+    sidecar = json.loads((study / "runs" / "backbone-vit.json").read_text())  # pretrain-vit's sidecar ...
+    cached = json.loads((study / "runs" / "backbone.json").read_text())  # ... and the run cache's record
+    assert sidecar["val_accuracy"] == cached["run"]["val_accuracy"] and "setting" in cached
     report = (study / "report.md").read_text()
     assert "## Claims" in report and "## glyphs stream" in report
     for plot in ("accuracy_matrices.png", "anytime.png"):

@@ -159,11 +159,11 @@ def test_the_backbone_is_copied_from_ocl_baselines_only_when_its_fields_match(tm
     monkeypatch.setattr(rwf, "pretrain_backbone", pretrain)
     small = replace(TINY, methods=("linear-probe",), streams=("glyphs",), ablations=())
     results = rwf.run(out=tmp_path, setting=small, device="cpu")
-    assert not trained and results["backbone"]["copied_from"] == str(source / "runs" / "backbone.safetensors")
-    assert (tmp_path / "rwf" / "runs" / "backbone.safetensors").read_bytes() == \
-        (source / "runs" / "backbone.safetensors").read_bytes()
+    assert not trained and results["backbone"]["copied_from"] == str(source / "runs" / "backbone-vit.safetensors")
+    assert (tmp_path / "rwf" / "runs" / "backbone-vit.safetensors").read_bytes() == \
+        (source / "runs" / "backbone-vit.safetensors").read_bytes()
     assert results["runs_reused"] == 1 and {"cpu": "elsewhere"}.items() <= results["execution"]["trained_on"][0].items()
     # one backbone field differs: pretrained here, nothing copied
-    (tmp_path / "rwf" / "runs" / "backbone.safetensors").unlink()
+    (tmp_path / "rwf" / "runs" / "backbone-vit.safetensors").unlink()
     results = rwf.run(out=tmp_path, setting=replace(small, pretrain_steps=TINY.pretrain_steps + 1), device="cpu")
     assert len(trained) == 1 and "copied_from" not in results["backbone"]

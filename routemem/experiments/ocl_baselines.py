@@ -84,7 +84,22 @@ QUICK = replace(FULL, d_model=64, n_layer=4, n_head=4, pretrain_steps=150, pretr
 
 
 def backbone_path(study_dir: Path) -> Path:
-    return Path(study_dir) / "runs" / "backbone.safetensors"
+    """The pretrained weights (their sidecar beside them is backbone-vit.json; the run cache's own
+    record of the unit is backbone.json)."""
+    return Path(study_dir) / "runs" / "backbone-vit.safetensors"
+
+
+def ensure_backbone(setting, study_dir: Path, cache: RunCache, execution: Execution, pretrain=None):
+    """The study's backbone unit: reused when the cache has its record and its weights, else
+    trained with ``pretrain`` (default ``pretrain_backbone``) in this process, never sharded (every
+    stream unit loads it). Returns run_units' Outcome."""
+    if not backbone_path(study_dir).exists():
+        (Path(study_dir) / "runs" / "backbone.json").unlink(missing_ok=True)  # a record without its weights
+    unit = Unit("backbone", pretrain or pretrain_backbone, (setting, str(study_dir), execution.device.type))
+    outcome = run_units([unit], cache, replace(execution, shard=None, jobs=1), label="backbone")
+    if not backbone_path(study_dir).exists():
+        raise DataError(f"the backbone {backbone_path(study_dir)} is missing; delete {Path(study_dir) / 'runs'} and rerun")
+    return outcome
 
 
 def pretrain_backbone(setting: Setting, study_dir: str, device: str = "cpu") -> dict:
@@ -198,12 +213,7 @@ def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Se
     started = time.perf_counter()
     streams = tuple(s for s in setting.streams if s != "digits" or digits_available())
     cache = RunCache(study_dir / "runs", asdict(setting))
-    if not backbone_path(study_dir).exists():
-        (study_dir / "runs" / "backbone.json").unlink(missing_ok=True)  # a record without its weights
-    backbone = run_units([Unit("backbone", pretrain_backbone, (setting, str(study_dir), execution.device.type))],
-                         cache, replace(execution, shard=None, jobs=1), label="backbone")
-    if not backbone_path(study_dir).exists():
-        raise DataError(f"the backbone {backbone_path(study_dir)} is missing; delete {study_dir / 'runs'} and rerun")
+    backbone = ensure_backbone(setting, study_dir, cache, execution)
     todo = units(setting, study_dir, streams, execution.device)
     outcome = run_units(todo, cache, execution)
     if execution.shard is not None:

@@ -43,18 +43,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from routemem.errors import DataError
 from routemem.experiments import ocl_baselines, rwf_claims, rwf_report
 from routemem.experiments.common import RunCache, write_outputs
 from routemem.experiments.ocl_baselines import (
     backbone_path,
     digits_available,
+    ensure_backbone,
     pretrain_backbone,
     stream_images,
 )
@@ -237,13 +237,8 @@ def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Se
     started = time.perf_counter()
     streams = tuple(s for s in setting.streams if s != "digits" or digits_available())
     cache = RunCache(study_dir / "runs", asdict(setting))
-    if not backbone_path(study_dir).exists():
-        (study_dir / "runs" / "backbone.json").unlink(missing_ok=True)  # a record without its weights
     borrow_backbone(setting, study_dir, cache)
-    backbone = run_units([Unit("backbone", pretrain_backbone, (setting, str(study_dir), execution.device.type))],
-                         cache, replace(execution, shard=None, jobs=1), label="backbone")
-    if not backbone_path(study_dir).exists():
-        raise DataError(f"the backbone {backbone_path(study_dir)} is missing; delete {study_dir / 'runs'} and rerun")
+    backbone = ensure_backbone(setting, study_dir, cache, execution, pretrain_backbone)
     todo = units(setting, study_dir, streams, execution.device)
     outcome = run_units(todo, cache, execution)
     if execution.shard is not None:
