@@ -61,9 +61,9 @@ class Setting:
     mask_p: float = 0.5
     batch_size: int = 16
     lr: float = 3e-3
-    # Training tokens per run: ~245 steps of 16 x 256. Sized so that the full study (15 LM runs, 6
-    # distillations, 6 APN pipelines) runs in about an hour on a 2-core CPU; 2M tokens took 23 min for
-    # one seed's dense and hard runs alone on a busy machine, ~4 h for the study.
+    # Training tokens per run: ~245 steps of 16 x 256. The full study (15 LM runs, 6 distillations,
+    # 6 APN pipelines) took 30 min on the 2-core VM with --jobs 2; at 2M tokens one seed's dense and
+    # hard runs alone took 23 min on the busy machine, ~4 h projected for the study.
     tokens: int = 1_000_000
     seeds: tuple[int, ...] = (0, 1, 2)
     val_tokens: int = 65_536
