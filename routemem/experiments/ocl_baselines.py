@@ -139,23 +139,38 @@ def digits_available() -> bool:
     return True
 
 
+def learn_stream(setting, study_dir: str, images, order, method_name: str, seed: int, device: str,
+                 label: str, **options):
+    """A fresh method (on the study's backbone) learns ``order`` online; returns (the method, its
+    result as JSON types). Shared by this study's and the rwf study's runs."""
+    from routemem.models.vit_weights import load_vit
+    from routemem.train.continual import make_method, result_to_json, run_stream
+
+    backbone = load_vit(backbone_path(Path(study_dir)))
+    method = make_method(method_name, backbone, images.n_classes, setting.n_tasks, seed=seed, **options)
+    every = max(1, -(-len(order) // setting.anytime_points))
+    result = run_stream(method, order, images, eval_every=every, device=device, seed=seed, progress=label)
+    return method, result_to_json(result)
+
+
 def stream_unit(setting: Setting, stream: str, method_name: str, seed: int, study_dir: str,
                 device: str = "cpu") -> dict:
     """One method learning one stream online from the pretrained backbone."""
     from routemem.data.streams import make_stream
-    from routemem.models.vit_weights import load_vit
-    from routemem.train.continual import make_method, result_to_json, run_stream
 
     images = stream_images(setting, stream)
     order = make_stream(images, setting.n_tasks, batch_size=setting.batch_size, seed=seed,
                         test_share=setting.test_share)
-    backbone = load_vit(backbone_path(Path(study_dir)))
-    method = make_method(method_name, backbone, images.n_classes, setting.n_tasks, seed=seed)
-    every = max(1, -(-len(order) // setting.anytime_points))
-    result = result_to_json(run_stream(method, order, images, eval_every=every, device=device, seed=seed,
-                                       progress=f"{stream} {method_name} seed={seed}"))
+    _, result = learn_stream(setting, study_dir, images, order, method_name, seed, device,
+                             f"{stream} {method_name} seed={seed}")
     return {"stream": stream, "method": method_name, "seed": seed, "n_classes": images.n_classes,
             "train_samples": len(order), "images_sha256": images.sha256, **result}
+
+
+def stream_data(setting, streams: tuple[str, ...], runs: list[dict]) -> dict:
+    """results.json's "data": the streams run, those skipped (no scikit-learn), the images' hashes."""
+    return {"streams": list(streams), "skipped": [s for s in setting.streams if s not in streams],
+            "sha256": {r["stream"]: r["images_sha256"] for r in runs}}
 
 
 # --- claims ----------------------------------------------------------------------------------
@@ -224,8 +239,7 @@ def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Se
         "mode": "quick" if quick else "full",
         "env": machine_header(execution.device),
         "execution": {"jobs": execution.jobs, "trained_on": cache.trained_on()},
-        "data": {"streams": list(streams), "skipped": [s for s in setting.streams if s not in streams],
-                 "sha256": {r["stream"]: r["images_sha256"] for r in runs}},
+        "data": stream_data(setting, streams, runs),
         "setting": asdict(setting),
         "backbone": backbone.records["backbone"],
         "claims": claims(runs),

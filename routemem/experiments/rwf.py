@@ -55,7 +55,9 @@ from routemem.experiments.ocl_baselines import (
     backbone_path,
     digits_available,
     ensure_backbone,
+    learn_stream,
     pretrain_backbone,
+    stream_data,
     stream_images,
 )
 from routemem.experiments.runner import Execution, Unit, run_units
@@ -170,18 +172,13 @@ def stream_unit(setting: Setting, stream: str, arm: str, seed: int, study_dir: s
     """One arm learning one stream online from the pretrained backbone (ocl_baselines.stream_unit
     plus the stream's own arguments, the arm's rwf options and the retrieval diagnostics)."""
     from routemem.data.streams import make_stream
-    from routemem.models.vit_weights import load_vit
-    from routemem.train.continual import make_method, result_to_json, run_stream
 
     images = stream_images(setting, source_of(stream))
     order = make_stream(images, setting.n_tasks, batch_size=setting.batch_size, seed=seed,
                         test_share=setting.test_share, **stream_kwargs(setting, stream))
     method_name, options = ("rwf", ablation_arms(setting)[0][arm]) if arm.startswith("rwf:") else (arm, {})
-    backbone = load_vit(backbone_path(Path(study_dir)))
-    method = make_method(method_name, backbone, images.n_classes, setting.n_tasks, seed=seed, **options)
-    every = max(1, -(-len(order) // setting.anytime_points))
-    result = result_to_json(run_stream(method, order, images, eval_every=every, device=device, seed=seed,
-                                       progress=f"{stream} {arm} seed={seed}"))
+    method, result = learn_stream(setting, study_dir, images, order, method_name, seed, device,
+                                  f"{stream} {arm} seed={seed}", **options)
     record = {"stream": stream, "seed": seed, "n_classes": images.n_classes, "train_samples": len(order),
               "images_sha256": images.sha256, "stream_settings": order.settings, **result,
               "method": arm, "base_method": method_name}  # the arm, not run_stream's "rwf", names the run
@@ -251,8 +248,7 @@ def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Se
         "mode": "quick" if quick else "full",
         "env": machine_header(execution.device),
         "execution": {"jobs": execution.jobs, "trained_on": cache.trained_on()},
-        "data": {"streams": list(streams), "skipped": [s for s in setting.streams if s not in streams],
-                 "sha256": {r["stream"]: r["images_sha256"] for r in runs}},
+        "data": stream_data(setting, streams, runs),
         "setting": asdict(setting),
         "ablations": {"stream": ABLATION_STREAM, "arms": {a: arms[a] for a in ablations},
                       "skipped": skipped},
