@@ -182,6 +182,8 @@ def test_the_study_uses_zero_filler_and_expand_v_2_by_default():
     for mixer in ("palimpsa", "gla", "gated_deltanet"):
         assert palimpsa.model_config(TINY, mixer).mixer_kwargs == {"expand_v": 2}
     assert palimpsa.model_config(TINY, "mamba2").mixer_kwargs == {}
+    assert palimpsa.model_config(TINY, "attention").mixer_kwargs == {"conv_width": 4}
+    assert palimpsa.model_config(replace(TINY, attention_conv=None), "attention").mixer_kwargs == {}
 
 
 def test_paper_setting_is_the_papers_mqar():

@@ -6,7 +6,9 @@ keys re-bound to a new value later in the sequence), a learning-rate grid per mi
 by validation accuracy), then tested on a grid of (seq_len, num_kv_pairs). The filler between
 queries is zeros, as in the authors' MQAR configurations (zoology's ``random_non_queries=False``;
 ``Setting.random_filler`` switches to random tokens), and palimpsa, gla and gated_deltanet use the
-paper's ``expand_v = 2``. Beside the main runs, ``state_sweep`` trains every mixer at other widths
+paper's ``expand_v = 2``. Attention gets a short causal convolution on q|k|v (width 4: the
+recurrent mixers have one inside, zoology's attention baseline has its short-conv hybrid; without
+it, 2-layer attention stayed on the plateau in the pilots). Beside the main runs, ``state_sweep`` trains every mixer at other widths
 (d_model) for the accuracy-vs-state-size plot.
 
 Every run records whether it left the "answer with some value seen in the context" plateau
@@ -71,6 +73,7 @@ class Setting:
     weight_decay: float = 0.1
     random_filler: bool = False  # False: zeros between the queries, the authors' MQAR data
     expand_v: int = 2  # value head width of palimpsa, gla, gated_deltanet (the paper's MQAR runs)
+    attention_conv: int | None = 4  # attention's short conv on q|k|v (zoology's hybrid; None: plain)
     lr_grid: tuple[tuple[str, tuple[float, ...]], ...] = ()  # (mixer, its learning rates) overrides
     decisive: tuple[tuple[int, int], ...] = ()  # the test cells claims 1 is decided on (default: hardest)
     plateau_threshold: float = 0.5  # accuracy on the easiest val cell that counts as off the plateau
@@ -131,6 +134,8 @@ def model_config(setting: Setting, mixer: str, d_model: int | None = None) -> LM
     # Attention gets RoPE so it can be tested past its training length; the recurrent mixers carry
     # position in their decays and short convolutions.
     kwargs = {"expand_v": setting.expand_v} if mixer in EXPAND_V_MIXERS else {}
+    if mixer == "attention" and setting.attention_conv is not None:
+        kwargs = {"conv_width": setting.attention_conv}
     return LMConfig(vocab_size=setting.vocab_size, n_layer=setting.n_layer, d_model=d_model or setting.d_model,
                     n_head=setting.n_head, max_seq_len=setting.max_seq_len, norm="rmsnorm",
                     pos="rope" if mixer == "attention" else "none", mixer=mixer, mixer_kwargs=kwargs, ffn="none")
