@@ -79,6 +79,7 @@ class Setting:
     plateau_threshold: float = 0.5  # accuracy on the easiest val cell that counts as off the plateau
     state_sweep: tuple[int, ...] = ()  # other d_model values, for accuracy vs state size
     state_sweep_seeds: tuple[int, ...] = (0,)
+    state_sweep_lrs: tuple[float, ...] = ()  # the sweep's learning rates (empty: each mixer's grid)
 
     @property
     def max_seq_len(self) -> int:
@@ -108,12 +109,19 @@ QUICK = Setting(
     lrs=(1e-2,), seeds=(0,), test_grid=((32, 4), (64, 8), (96, 8), (96, 16)),
     overwrite_test=(64, 8, 4), n_val=64, n_test=256,
 )
+# Sized from the pilots (docs/palimpsa_pilots.md): zero filler, 3000 steps with 200 warmup; with a
+# width-4 conv attention is at 1.000 on every cell at either learning rate, gla and palimpsa leave
+# the plateau and are limited at (128, 32) (0.85 and 0.70 on seed 0), so that cell decides claim 1.
+# Every recurrent mixer gets a 2-point learning-rate grid and 5 seeds; the state sweep adds
+# d_model 32 and 96 (seed 0, lr 3e-3). Estimated ~2.8 h here with --jobs 2 (step times measured
+# under load: 90-180 ms at B48 T128, one thread).
 FULL = Setting(
     mixers=MIXERS, d_model=64, n_head=4, vocab_size=256,
-    train_tasks=((32, 4, 0), (64, 8, 0), (64, 16, 0), (128, 16, 0), (128, 32, 0), (64, 8, 4)),
-    steps=2000, batch_size=48, lrs=(3e-3, 1e-2), seeds=(0, 1, 2),
-    test_grid=((64, 8), (64, 16), (128, 16), (128, 32), (192, 32), (192, 48)),
-    overwrite_test=(64, 8, 4), n_val=128, n_test=512,
+    train_tasks=((64, 4, 0), (64, 8, 0), (64, 16, 0), (128, 16, 0), (128, 32, 0), (64, 8, 4)),
+    steps=3000, batch_size=48, lrs=(3e-3, 1e-2), lr_grid=(("attention", (3e-3,)),), seeds=(0, 1, 2, 3, 4),
+    test_grid=((64, 4), (64, 8), (64, 16), (128, 16), (128, 32)), overwrite_test=(64, 8, 4),
+    n_val=128, n_test=512, warmup_steps=200, decisive=((128, 32),),
+    state_sweep=(32, 96), state_sweep_seeds=(0,), state_sweep_lrs=(3e-3,),
 )
 # The paper's MQAR (papers/palimpsa.md; zoology's standard grid, the authors' zero filler): vocab 8192,
 # d_model 128, 2 layers of 8 heads, no MLP; zoology's training mixture (100k sequences of (64, 4),
@@ -224,7 +232,7 @@ def units(setting: Setting, device: torch.device) -> list[Unit]:
             for seed in setting.seeds for mixer in setting.mixers for lr in setting.lrs_of(mixer)]
     sweep = [Unit(f"{mixer}-d{d}-lr{lr:g}-seed{seed}", train_one, (setting, mixer, lr, seed, device.type, d))
              for d in setting.state_sweep if d != setting.d_model for seed in setting.state_sweep_seeds
-             for mixer in setting.mixers for lr in setting.lrs_of(mixer)]
+             for mixer in setting.mixers for lr in (setting.state_sweep_lrs or setting.lrs_of(mixer))]
     return main + sweep
 
 
