@@ -136,7 +136,7 @@ PAPER = Setting(
     overwrite_test=(256, 32, 16), n_val=256, n_test=1000, warmup_steps=500,
     decisive=((512, 128), (1024, 256)),
 )
-SETTINGS = {"quick": QUICK, "full": FULL, "paper": PAPER}
+SETTING_NAMES = ("quick", "full", "paper")  # the module's QUICK, FULL, PAPER (looked up when asked)
 
 
 def model_config(setting: Setting, mixer: str, d_model: int | None = None) -> LMConfig:
@@ -242,11 +242,11 @@ def pick_setting(quick: bool, setting: Setting | str | None) -> tuple[Setting, s
     if isinstance(setting, Setting):
         return setting, "quick" if quick else "full"
     name = setting or ("quick" if quick else "full")
-    if name not in SETTINGS:
-        raise UserError(f"unknown palimpsa setting '{name}' (available: {', '.join(SETTINGS)})")
+    if name not in SETTING_NAMES:
+        raise UserError(f"unknown palimpsa setting '{name}' (available: {', '.join(SETTING_NAMES)})")
     if quick and name != "quick":
         raise UserError(f"--quick and --setting {name} contradict each other: give one")
-    return SETTINGS[name], name
+    return globals()[name.upper()], name
 
 
 def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Setting | str | None = None,
