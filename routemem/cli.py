@@ -164,6 +164,10 @@ def cmd_reproduce(args) -> int:
         if args.study != "apn":
             raise UserError(f"--pair applies to the apn study only, not '{args.study}'")
         extra["pair"] = args.pair
+    if args.setting is not None:
+        if args.study != "palimpsa":
+            raise UserError(f"--setting applies to the palimpsa study only, not '{args.study}'")
+        extra["setting"] = args.setting
     jobs, shard = parse_jobs(args.jobs), Shard.parse(args.shard) if args.shard is not None else None
     out = STUDIES[args.study](out=Path(args.out), quick=args.quick, data_dir=args.data_dir, device=args.device,
                               jobs=jobs, shard=shard, **extra)
@@ -292,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder holding file corpora (default $ROUTEMEM_DATA)")
     p.add_argument("--pair", metavar="A:B", help="apn: domain pair, e.g. pydocs:pycode (default: "
                    "shakespeare:warandpeace when the data folder has them)")
+    p.add_argument("--setting", metavar="NAME", help="palimpsa: a shipped setting by name: quick, full (the "
+                   "default) or paper (the paper's MQAR scale: vocab 8192, d_model 128, up to seq_len 1024; a GPU job)")
     p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}",
                    help="where to train (auto: cuda when torch sees a GPU)")
     p.add_argument("--jobs", default="1", metavar="N",

@@ -286,6 +286,81 @@ def test_state_size():
         assert state["k"].numel() + state["v"].numel() == mod.state_size(n)
 
 
+# --- attention with a short convolution on q|k|v (zoology's MQAR baseline) -------------------
+
+
+def make_conv_attn(width: int, pos: str = "rope", window=None, device="cpu") -> CausalSelfAttention:
+    m = CausalSelfAttention(spec(pos=pos), window=window, conv_width=width).double().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.5)
+    return m.to(device)
+
+
+def naive_conv_attention(m: CausalSelfAttention, x: torch.Tensor, rope: bool) -> torch.Tensor:
+    """The projection, then tap j of the conv multiplies the projection j - (width - 1) steps back
+    (zero before the start), then the naive attention of the convolved q|k|v."""
+    B, T, Dm = x.shape
+    qkv = x @ m.qkv.weight.T
+    w = m.conv.weight[:, 0]  # [3 D, width]
+    width = w.shape[1]
+    mixed = torch.zeros_like(qkv)
+    for t in range(T):
+        for j in range(width):
+            src = t - (width - 1) + j
+            if src >= 0:
+                mixed[:, t] += qkv[:, src] * w[:, j]
+    q, k, v = mixed.view(B, T, 3, m.n_head, m.head_dim).unbind(dim=2)
+    if rope:
+        q, k = naive_rope(q), naive_rope(k)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(m.head_dim)
+    allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    y = torch.einsum("bhts,bshd->bthd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v)
+    return y.reshape(B, T, Dm) @ m.out.weight.T
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("pos", ["none", "rope"])
+def test_conv_attention_equals_naive_and_steps(width, pos, device):
+    m = make_conv_attn(width, pos, device=device)
+    x = torch.randn(2, 9, D, dtype=torch.float64).to(device)
+    y = m(x)
+    tol = 1e-6 if pos == "rope" else 1e-10  # the RoPE tables are float32
+    torch.testing.assert_close(y, naive_conv_attention(m, x, rope=pos == "rope"), rtol=tol, atol=tol)
+    state, ys = None, []
+    for t in range(9):
+        out, state = m.step(x[:, t], state)
+        ys.append(out)
+    torch.testing.assert_close(torch.stack(ys, 1), y, rtol=1e-8, atol=1e-8)
+    assert (state["k"].numel() + state["v"].numel() + state["conv"].numel()) // 2 == m.state_size(9)  # per sequence
+
+
+def test_conv_attention_is_causal_at_every_position():
+    m = make_conv_attn(4)
+    x = torch.randn(1, 16, D, dtype=torch.float64)
+    y = m(x)
+    for t in range(16):  # change everything from t on: outputs before t must not move
+        x2 = x.clone()
+        x2[:, t:] += torch.randn_like(x2[:, t:])
+        y2 = m(x2)
+        torch.testing.assert_close(y2[:, :t], y[:, :t], rtol=0, atol=0)
+        assert not torch.allclose(y2[:, t], y[:, t])
+
+
+def test_conv_attention_gradcheck_float64():
+    m = CausalSelfAttention(LayerSpec(d_model=8, n_head=2, max_seq_len=8, pos="rope"), conv_width=3).double()
+    x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(m, (x,), eps=1e-6, atol=1e-6)
+
+
+def test_conv_attention_options():
+    with pytest.raises(ConfigError, match="conv_width"):
+        build_mixer("attention", SPEC, {"conv_width": 0})
+    with pytest.raises(ConfigError, match="causal"):
+        build_mixer("attention", SPEC, {"conv_width": 4, "causal": False})
+    assert build_mixer("attention", SPEC, {}).conv is None  # off by default: the LM baseline is unchanged
+
+
 # --- norms and FFNs ------------------------------------------------------------------------
 
 

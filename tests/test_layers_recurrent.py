@@ -179,14 +179,16 @@ def test_state_size_counts_the_state(name, kw):
 def test_init_weights(name):
     m = make(name)
     model = TransformerLM(LMConfig(vocab_size=11, n_layer=1, d_model=D, n_head=H, mixer=name, ffn="none"))
+    official = name in ("palimpsa", "gla")  # Palimpsa's official ranges (test_palimpsa_official_defaults)
     for mixer in (m, model.blocks[0].mixer):
         A, dt = mixer.A_log.exp(), F.softplus(mixer.dt_bias)
-        assert A.min() >= 1 - 1e-5 and A.max() <= 16 + 1e-4, A
+        assert A.min() >= (0 if official else 1 - 1e-5) and A.max() <= 16 + 1e-4, A
         assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5), dt
         if hasattr(mixer, "D"):
             assert torch.equal(mixer.D, torch.ones_like(mixer.D))
-        if hasattr(mixer, "b_scale"):
-            torch.testing.assert_close(F.softplus(mixer.b_scale), torch.ones_like(mixer.b_scale))
+        if hasattr(mixer, "b_scale"):  # meta_mamba2: softplus(b_scale) = 1; palimpsa: b_scale = 1
+            scale = mixer.b_scale if official else F.softplus(mixer.b_scale)
+            torch.testing.assert_close(scale, torch.ones_like(scale))
     with torch.no_grad():  # _init_weights restores what training moved
         m.A_log.fill_(10.0), m.dt_bias.fill_(10.0)
     m._init_weights()
@@ -197,15 +199,70 @@ def test_palimpsa_without_importance_is_gla():
     gla = GLAMixer(SPEC, i_prior=2.0, mode="reference").double()
     pal = PalimpsaMixer(SPEC, i_prior=2.0, mode="reference").double()
     missing, unexpected = pal.load_state_dict(gla.state_dict(), strict=False)
-    assert sorted(missing) == ["b_scale", "beta_down.weight", "beta_up.bias", "beta_up.weight"]
+    assert sorted(missing) == ["b_scale", "beta_down.weight", "beta_up.weight"]
     assert not unexpected and not any("beta" in n for n, _ in gla.named_parameters())
     x = torch.randn(2, 15, D, dtype=torch.float64)
     with torch.no_grad():
         assert not torch.allclose(pal(x), gla(x), atol=1e-6)  # the importance does matter...
-        pal.beta_up.weight.zero_(), pal.beta_up.bias.fill_(-1e4)  # ...until beta = sigmoid(-1e4) = 0
+        pal.beta_down.weight.zero_(), pal.b_scale.fill_(-1e4)  # ...until beta = softplus(-1e4) = 0
         torch.testing.assert_close(pal(x), gla(x), rtol=1e-10, atol=1e-12)
         _, state = pal.step(x[:, 0], None)
         torch.testing.assert_close(state["importance"], torch.full_like(state["importance"], 2.0))
+
+
+def test_palimpsa_official_defaults():
+    """The defaults are the official layer's (its authors' code): short-conv weights N(0, 0.02), one
+    b_scale per head starting at 1 (softplus 1.313), an importance projection without bias of rank
+    ceil(d_model / 16), A ~ U(0, 16). gla shares the conv and decay defaults."""
+    spec = LayerSpec(d_model=200, n_head=8, max_seq_len=16)
+    torch.manual_seed(0)
+    pal, gla = PalimpsaMixer(spec), GLAMixer(spec)
+    for m in (pal, gla):
+        w = m.conv.weight.detach().double()
+        assert w.numel() > 2000 and abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002
+        assert m.a_init_range == (0.0, 16.0)
+    assert pal.b_scale.shape == (8,) and torch.equal(pal.b_scale, torch.ones(8))
+    assert abs(F.softplus(pal.b_scale[0]).item() - 1.3133) < 1e-4
+    assert pal.beta_up.bias is None and pal.beta_down.out_features == math.ceil(200 / 16) == 13
+    A = init_A_log(torch.empty(20000), *pal.a_init_range).exp()
+    assert A.min() > 0 and A.max() <= 16 + 1e-4 and abs(A.mean().item() - 8.0) < 0.1
+    assert (A < 1).float().mean().item() > 0.05  # U(0, 16): 1/16 of the heads start with slow decay
+    # the previous parameterisation, each part still an option
+    old = PalimpsaMixer(spec, beta_rank=16, beta_bias=True, importance_scale="channel",
+                        b_scale_init=float(torch.log(torch.expm1(torch.tensor(1.0)))), conv_init_std=None,
+                        a_init_range=(1.0, 16.0))
+    assert old.b_scale.shape == (8 * pal.dv,) and old.beta_up.bias is not None and old.beta_down.out_features == 16
+    torch.testing.assert_close(F.softplus(old.b_scale), torch.ones_like(old.b_scale))
+    assert old.conv.weight.abs().max() <= 0.5 and old.conv.weight.std() > 0.2  # U(-1/2, 1/2): width 4
+    assert old.A_log.exp().min() >= 1 - 1e-5
+
+
+@pytest.mark.parametrize("importance_scale", ["head", "channel"])
+def test_importance_scale_multiplies_the_rate(importance_scale):
+    """beta = sigmoid(W_b2 W_b1 x) * softplus(b_scale) * bs, with b_scale broadcast per head or
+    given per (head, value channel): checked against the formula written out for one channel."""
+    m = PalimpsaMixer(SPEC, importance_scale=importance_scale, mode="reference").double()
+    seen = {}
+    import routemem.layers.palimpsa as module
+    real = module.metaplastic_attention
+
+    def spy(q, k, v, beta, log_alpha, **kw):
+        seen["beta"] = beta
+        return real(q, k, v, beta, log_alpha, **kw)
+
+    with torch.no_grad():
+        m.b_scale.copy_(torch.randn(m.b_scale.shape, dtype=torch.float64))
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    module.metaplastic_attention = spy
+    try:
+        m(x)
+    finally:
+        module.metaplastic_attention = real
+    h, c = 2, 3
+    scale = m.b_scale[h] if importance_scale == "head" else m.b_scale[h * m.dv + c]
+    bs = torch.sigmoid(m.bs_proj(x))[..., h]
+    expected = torch.sigmoid(m.beta_up(m.beta_down(x))[..., h * m.dv + c]) * F.softplus(scale) * bs
+    torch.testing.assert_close(seen["beta"][:, :, h, c], expected)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -238,6 +295,11 @@ def test_overfits_one_batch_in_a_model(name):
     ("palimpsa", {}, {"expand_v": 1.5}, ["expand_v"]),
     ("palimpsa", {}, {"conv_width": 0}, ["conv_width"]),
     ("gla", {}, {"beta_rank": 8}, ["beta_rank"]),
+    ("gla", {}, {"beta_bias": True}, ["beta_bias"]),
+    ("palimpsa", {}, {"importance_scale": "value"}, ["importance_scale", "channel"]),
+    ("palimpsa", {}, {"a_init_range": (16.0, 1.0)}, ["a_init_range"]),
+    ("palimpsa", {}, {"a_init_range": (0.0, 0.0)}, ["a_init_range"]),
+    ("palimpsa", {}, {"conv_init_std": 0.0}, ["conv_init_std"]),
     ("gla", {}, {"chunk_size": 0}, ["chunk_size"]),
     ("mamba2", {}, {"i_prior": 2.0}, ["i_prior"]),
     ("mamba2", {}, {"d_state": 0}, ["d_state"]),

@@ -237,3 +237,32 @@ def test_recall_accuracy_shape_mismatch():
     _, y = multiquery_ar(100, 64, 8, 4)
     with pytest.raises(DataError, match="predictions"):
         recall_accuracy(y[:, :-1], y)
+
+
+# --- filler: random tokens or zeros (zoology's random_non_queries) -------------------------
+
+
+@pytest.mark.parametrize("num_rebound", [0, 3])
+def test_zero_filler_is_zero_exactly_outside_context_and_queries(num_rebound):
+    """random_filler=False: token 0 at every position that is neither a context pair nor a query
+    key, as zoology's random_non_queries=False; keys (>= 1) and values (>= V/2) are never 0."""
+    vocab, seq_len, kv = 64, 48, 6
+    x, y, kinds = multiquery_ar_overwrite(vocab, seq_len, kv, num_rebound, 50, seed=4, random_filler=False)
+    context = 2 * (kv + num_rebound)
+    placed = np.zeros(x.shape, dtype=bool)
+    placed[:, :context] = True
+    placed |= y != IGNORE  # the query keys sit where the labels are
+    assert (x[~placed] == 0).all()
+    assert (x[placed] != 0).all()
+    check_rows(x, y, vocab, kv, num_rebound, kinds)
+
+
+def test_filler_choice_changes_only_the_filler():
+    """Same seed: the same keys, values, query positions and labels with either filler; the random
+    filler is not all zeros (so the two really differ)."""
+    noisy, y1 = multiquery_ar(200, 128, 16, 40, seed=9)
+    zeros, y2 = multiquery_ar(200, 128, 16, 40, seed=9, random_filler=False)
+    np.testing.assert_array_equal(y1, y2)
+    filler = zeros == 0
+    np.testing.assert_array_equal(noisy[~filler], zeros[~filler])
+    assert (noisy[filler] != 0).mean() > 0.9

@@ -2,9 +2,12 @@
 
 A sequence is ``k1 v1 k2 v2 ...`` (keys from ``[1, V/2)``, values from ``[V/2, V)``, distinct
 within a sequence), then every key once more as a query at an even offset of the remaining
-region, with power-law gaps (short ones likelier), and noise tokens everywhere else. The label at a
-query key's position is that key's value; all other labels are -100 (ignored). Only the query
-keys are placed in the inputs: the value is never shown after a query, so it must be recalled.
+region, with power-law gaps (short ones likelier), and filler everywhere else: uniform noise tokens
+from ``[0, V)`` (``random_filler=True``, zoology's default ``random_non_queries=True``) or token 0
+(``random_filler=False``, zoology's ``random_non_queries=False``, which the Palimpsa authors'
+MQAR configurations use). The label at a query key's position is that key's value; all other labels
+are -100 (ignored). Only the query keys are placed in the inputs: the value is never shown after a
+query, so it must be recalled.
 
 numpy only, vectorised over examples: 100k sequences of length 256 take 1-2 s on two CPU cores.
 """
@@ -94,6 +97,7 @@ def multiquery_ar_overwrite(
     num_examples: int,
     power_a: float = 0.01,
     seed: int = 0,
+    random_filler: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MQAR where ``num_rebound`` keys are bound a second time, to a new value, in the context.
 
@@ -121,8 +125,11 @@ def multiquery_ar_overwrite(
     # Conceptually the sequence is seq_len + 1 long with the label right after each query key,
     # then shifted for next-token prediction (inputs drop the last token, labels the first). We
     # write the shifted arrays directly: the label lands on the query key's own position. Every
-    # slot that is neither context nor query holds a uniform noise token from [0, vocab_size).
+    # slot that is neither context nor query holds a uniform noise token from [0, vocab_size), or 0.
+    # The noise is drawn either way so that the rest of the sequence is the same for both fillers.
     inputs = rng.integers(0, vocab_size, size=(n, seq_len), dtype=np.int64)
+    if not random_filler:
+        inputs[:] = 0
     inputs[:, 0 : 2 * kv : 2] = keys
     inputs[:, 1 : 2 * kv : 2] = values[:, :kv]
     inputs[:, 2 * kv : context : 2] = np.take_along_axis(keys, rebound, axis=1)
@@ -143,14 +150,16 @@ def multiquery_ar(
     num_examples: int,
     power_a: float = 0.01,
     seed: int = 0,
+    random_filler: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Zoology's MQAR: ``(inputs, labels)``, int64 ``[num_examples, seq_len]``; ``labels[t]`` is
     the target for ``inputs[t]`` (-100 except at the ``num_kv_pairs`` query keys of each row).
+    ``random_filler=False`` puts token 0 between the queries, as zoology's ``random_non_queries=False``.
     """
     _check(vocab_size, seq_len, num_kv_pairs, 0, num_examples, power_a, overwrite=False)
     # The overwrite generator with no re-binding is exactly MQAR (same bits for the same seed).
     inputs, labels, _ = multiquery_ar_overwrite(
-        vocab_size, seq_len, num_kv_pairs, 0, num_examples, power_a, seed
+        vocab_size, seq_len, num_kv_pairs, 0, num_examples, power_a, seed, random_filler
     )
     return inputs, labels
 

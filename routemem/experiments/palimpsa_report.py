@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from routemem.experiments.common import markdown_table, summarize, where_trained
+from routemem.experiments.palimpsa_claims import decisive_accuracy
 
 
 def _cell(runs: list[dict], key: str) -> str:
@@ -36,26 +37,54 @@ def _stats(stats: dict) -> str:
     return f"{stats['mean']:.3f}" + (f" ± {stats['std']:.3f}" if stats["n"] > 1 else "")
 
 
-def report(results: dict, setting, chosen: dict[str, list[dict]]) -> str:
+def _lr_text(setting) -> str:
+    overrides = dict(setting.lr_grid)
+    text = f"learning rates {list(setting.lrs)}"
+    if overrides:
+        text += " (" + "; ".join(f"{m}: {list(v)}" for m, v in overrides.items()) + ")"
+    return text + " (best on validation per seed)"
+
+
+def report(results: dict, setting, chosen: dict[str, list[dict]], sweep: dict[str, list[dict]]) -> str:
     grid_keys = [f"acc_L{s}_kv{p}" for s, p in setting.test_grid]
     chance = results["chance_accuracy"]
+    regime, plateau = results["regime"], results["plateau"]
+    filler = "random tokens" if setting.random_filler else "zeros (the authors' MQAR data, zoology's random_non_queries=False)"
+    cells = ", ".join(f"L{s} kv{p}" for s, p in setting.decisive_cells)
+    attention = regime["decisive_accuracy"].get("attention", {"mean": float("nan"), "n": 0})
     lines = [
         f"# Palimpsa on MQAR ({results['mode']})",
         "",
         f"{setting.n_layer} layers, d_model {setting.d_model}, {setting.n_head} heads, no FFN, vocab "
-        f"{setting.vocab_size}; {setting.steps} steps of {setting.batch_size} sequences on the round-robin "
-        f"tasks (seq_len, kv pairs, re-bound) {list(setting.train_tasks)}; learning rates {list(setting.lrs)} "
-        f"(best on validation per seed); seeds {list(setting.seeds)}; {setting.n_test} test sequences per "
-        f"setting. Total {results['seconds'] / 60:.1f} min on {where_trained(results)}.",
+        f"{setting.vocab_size}, expand_v {setting.expand_v} (palimpsa, gla, gated_deltanet); filler between "
+        f"queries: {filler}. {setting.steps} steps of {setting.batch_size} sequences ({setting.warmup_steps} "
+        f"warmup) on the round-robin tasks (seq_len, kv pairs, re-bound) {list(setting.train_tasks)}; "
+        f"{_lr_text(setting)}; seeds {list(setting.seeds)}; {setting.n_test} test sequences per setting. "
+        f"Total {results['seconds'] / 60:.1f} min on {where_trained(results)}.",
         "",
         "## Claims",
         "",
-        "The paper reports no MQAR number at our (much smaller) settings, so the paper column gives its "
-        "qualitative claim; the verdict tests its direction. Chance: a uniform guess among the "
-        f"{setting.vocab_size - setting.vocab_size // 2} values (the upper half of the vocabulary).",
+        f"Claim 1 is decided on the mean accuracy over the decisive cells ({cells}). A pair's verdict: "
+        "disjoint mean ± std in one direction, or a one-sided paired sign test over seeds with p < 0.05 "
+        "(the same batches for every mixer of a seed). The paper reports no MQAR number at our (much "
+        "smaller) settings, so the paper column gives its qualitative claim. Chance: a uniform guess among "
+        f"the {setting.vocab_size - setting.vocab_size // 2} values (the upper half of the vocabulary).",
         "",
         markdown_table(["claim", "paper", "ours (mean ± std over seeds)", "chance", "verdict", "why"],
                        [_claim_row(c) for c in results["claims"]]),
+        "",
+        "## Is the setting informative?",
+        "",
+        f"Attention on the decisive cells: {attention['mean']:.3f} over {attention['n']} seeds "
+        f"({'at' if regime['attention_at_ceiling'] else '**below**'} the {regime['attention_ceiling']} ceiling "
+        "this study asks of its regime). A run *left the plateau* (answering with some value seen in the "
+        f"context, accuracy 1/kv) when its validation accuracy on the easiest cell L{plateau['cell'][0]} "
+        f"kv{plateau['cell'][1]} is at least {plateau['threshold']}: a run below it failed to optimise; one "
+        "above it that still misses the decisive cells is limited by its state.",
+        "",
+        markdown_table(["mixer (width)", "decisive-cell accuracy (chosen runs)", "runs off the plateau (every lr)"],
+                       [[key, _decisive_cell(regime, key, setting), f"{row['left']} / {row['runs']}"]
+                        for key, row in plateau["counts"].items()]),
         "",
         "## Recall accuracy (test; mean ± std over seeds)",
         "",
@@ -79,10 +108,26 @@ def report(results: dict, setting, chosen: dict[str, list[dict]]) -> str:
         "(the latest value is the answer). A model that has learnt only to answer with some value from "
         "the context scores 1 / (values in the context): the last row.",
         "",
+    ]
+    if sweep:
+        lines += [
+            "## Accuracy vs state size",
+            "",
+            f"Every mixer at d_model {sorted({setting.d_model, *setting.state_sweep})}, seeds "
+            f"{list(setting.state_sweep_seeds)}, best learning rate on validation; decisive-cell accuracy.",
+            "",
+            markdown_table(["mixer", "d_model", "state floats", "accuracy"],
+                           [[m, p["d_model"], p["state_size"], _stats(p)] for m, points in sweep.items()
+                            for p in points]),
+            "",
+        ]
+    lines += [
         "## Every run",
         "",
-        markdown_table(["mixer", "lr", "seed", "final loss", "val grid mean", "test grid mean", "seconds"],
-                       [[r["arm"], f"{r['lr']:g}", r["seed"], r.get("final_loss", "diverged"),
+        markdown_table(["mixer", "d_model", "lr", "seed", "final loss", "off plateau", "val grid mean",
+                        "test grid mean", "seconds"],
+                       [[r["arm"], r.get("d_model", setting.d_model), f"{r['lr']:g}", r["seed"],
+                         r.get("final_loss", "diverged"), "yes" if r.get("left_plateau") else "no",
                          r["val"]["grid_mean"] if "val" in r else "-",
                          r["metrics"]["grid_mean"] if "metrics" in r else "-", round(r["seconds"], 1)]
                         for r in results["runs"]]),
@@ -91,12 +136,20 @@ def report(results: dict, setting, chosen: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def _decisive_cell(regime: dict, key: str, setting) -> str:
+    mixer, width = key.rsplit(" d", 1)
+    stats = regime["decisive_accuracy"].get(mixer)
+    if int(width) != setting.d_model or not stats or not stats["n"]:
+        return "-"
+    return _stats(stats) + f" (n={stats['n']})"
+
+
 def _std(values: np.ndarray):
     """Sample std over seeds (axis 0), as in the report's tables; 0 for a single seed."""
     return values.std(0, ddof=1) if len(values) > 1 else np.zeros_like(values[0])
 
 
-def plots(study_dir: Path, setting, chosen: dict[str, list[dict]]) -> None:
+def plots(study_dir: Path, setting, chosen: dict[str, list[dict]], sweep: dict[str, list[dict]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,15 +174,18 @@ def plots(study_dir: Path, setting, chosen: dict[str, list[dict]]) -> None:
     fig.savefig(study_dir / "accuracy_vs_kv_pairs.png", dpi=120)
     plt.close(fig)
 
-    hard = "acc_L{}_kv{}".format(*setting.hardest)
     fig, ax = plt.subplots(figsize=(5, 3.6))
+    cells = ", ".join(f"L{s} kv{p}" for s, p in setting.decisive_cells)
     for mixer, runs in chosen.items():
-        if runs:
-            acc = [r["metrics"][hard] for r in runs]
-            ax.errorbar(runs[0]["state_size"], np.mean(acc), yerr=_std(np.array(acc)), marker="o", capsize=3,
-                        label=mixer)
+        points = sweep.get(mixer)
+        if points:  # one line per mixer over the widths of the sweep
+            ax.errorbar([p["state_size"] for p in points], [p["mean"] for p in points],
+                        yerr=[p["std"] for p in points], marker="o", capsize=3, label=mixer)
+        elif runs:
+            acc = np.array([decisive_accuracy(r, setting) for r in runs])
+            ax.errorbar(runs[0]["state_size"], acc.mean(), yerr=_std(acc), marker="o", capsize=3, label=mixer)
     ax.set(xscale="log", xlabel="recurrent state (floats per sequence)", ylabel="recall accuracy",
-           title=f"MQAR seq_len {setting.hardest[0]}, {setting.hardest[1]} kv pairs", ylim=(-0.02, 1.02))
+           title=f"MQAR, decisive cells {cells}", ylim=(-0.02, 1.02))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(study_dir / "accuracy_vs_state_size.png", dpi=120)

@@ -6,6 +6,10 @@ computes from ``x``. As in the official DualPrompt and CODA-Prompt code, the pre
 as keys and values directly: they are NOT passed through the qkv projection (nor rotated by RoPE);
 each [.., Lp, D] prefix is split across heads the same way the projected keys are (head h gets
 channels h*Dh .. (h+1)*Dh - 1). Every query sees every prefix key, causal or not.
+
+``conv_width=w`` passes the q|k|v projection through a causal depthwise convolution of width w
+first (no activation), as zoology's MQAR attention baseline does with its short-conv hybrid and as
+our recurrent mixers do inside: one layer can then bind a value to the key before it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from routemem.errors import ConfigError
+from routemem.layers.options import check_int
+from routemem.layers.recurrent_parts import ShortConv
 from routemem.layers.registry import LayerSpec, register_mixer
 from routemem.layers.rope import apply_rope, rope_tables
 
@@ -43,9 +49,11 @@ def prefix_heads(prefix: torch.Tensor, batch: int, n_head: int, head_dim: int) -
 @register_mixer("attention")
 class CausalSelfAttention(nn.Module):
     """``window=None`` is full causal attention; ``window=w`` lets token t see t-w+1 .. t;
-    ``causal=False`` lets every token see every token (no window, no ``step``)."""
+    ``causal=False`` lets every token see every token (no window, no ``step``); ``conv_width``: a short
+    causal convolution on the q|k|v projection (see the module docstring; causal only)."""
 
-    def __init__(self, spec: LayerSpec, window: int | None = None, bias: bool = False, causal: bool = True):
+    def __init__(self, spec: LayerSpec, window: int | None = None, bias: bool = False, causal: bool = True,
+                 conv_width: int | None = None):
         super().__init__()
         if spec.d_model % spec.n_head:
             raise ConfigError(f"d_model={spec.d_model} is not divisible by n_head={spec.n_head}")
@@ -58,7 +66,10 @@ class CausalSelfAttention(nn.Module):
         self.causal = causal
         self.max_seq_len = spec.max_seq_len
         self.dropout = spec.dropout
+        if conv_width is not None and not causal:
+            raise ConfigError("attention conv_width needs causal=true (the convolution is causal)")
         self.qkv = nn.Linear(spec.d_model, 3 * spec.d_model, bias=bias)
+        self.conv = None if conv_width is None else ShortConv(3 * spec.d_model, check_int("attention", "conv_width", conv_width))
         self.out = nn.Linear(spec.d_model, spec.d_model, bias=bias)
         self.use_rope = spec.pos == "rope"
         if self.use_rope:
@@ -69,7 +80,10 @@ class CausalSelfAttention(nn.Module):
     def _heads(self, x: torch.Tensor, start: int):
         """[B, T, D] -> q, k, v as [B, T, H, Dh], RoPE applied at positions start..start+T-1."""
         rope = (self.rope_cos, self.rope_sin) if self.use_rope else None
-        return split_qkv(self.qkv(x), self.n_head, self.head_dim, rope, start)
+        projected = self.qkv(x)
+        if self.conv is not None:
+            projected = self.conv(projected)
+        return split_qkv(projected, self.n_head, self.head_dim, rope, start)
 
     def _window_mask(self, T: int, device) -> torch.Tensor:
         i = torch.arange(T, device=device)
@@ -117,7 +131,10 @@ class CausalSelfAttention(nn.Module):
     # -- token-by-token decoding with a KV cache ------------------------------------------------
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
         empty = torch.zeros(batch_size, self.n_head, 0, self.head_dim, device=device, dtype=dtype)
-        return {"k": empty, "v": empty.clone(), "pos": 0}
+        state = {"k": empty, "v": empty.clone(), "pos": 0}
+        if self.conv is not None:
+            state["conv"] = self.conv.init_buffer(batch_size, device, dtype)
+        return state
 
     def step(self, x_t: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, dict]:
         """x_t [B, D] -> (y_t [B, D], new state). The cache keeps at most ``window`` keys."""
@@ -126,14 +143,19 @@ class CausalSelfAttention(nn.Module):
         B, D = x_t.shape
         if state is None:
             state = self.init_state(B, x_t.device, x_t.dtype)
-        q, k, v = (t.transpose(1, 2) for t in self._heads(x_t[:, None], state["pos"]))
+        projected, new = self.qkv(x_t), {}
+        if self.conv is not None:
+            projected, new["conv"] = self.conv.step(projected, state["conv"])
+        rope = (self.rope_cos, self.rope_sin) if self.use_rope else None
+        q, k, v = (t.transpose(1, 2) for t in split_qkv(projected[:, None], self.n_head, self.head_dim, rope,
+                                                        state["pos"]))
         keys = torch.cat([state["k"], k.to(state["k"].dtype)], dim=2)
         values = torch.cat([state["v"], v.to(state["v"].dtype)], dim=2)
         if self.window is not None:
             keys, values = keys[:, :, -self.window :], values[:, :, -self.window :]
         y = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype))
         y = self.out(y.transpose(1, 2).reshape(B, D))
-        return y, {"k": keys, "v": values, "pos": state["pos"] + 1}
+        return y, {"k": keys, "v": values, "pos": state["pos"] + 1, **new}
 
     def extra_flops_per_token(self, seq_len: int) -> float:
         """Scores and weighted sum: 2 * 2 * d_model multiply-adds per visible key, on average
@@ -149,4 +171,5 @@ class CausalSelfAttention(nn.Module):
         length = seq_len if seq_len is not None else self.max_seq_len
         if self.window is not None:
             length = min(length, self.window)
-        return 2 * self.n_head * self.head_dim * length
+        conv = 0 if self.conv is None else (self.conv.width - 1) * self.conv.channels
+        return 2 * self.n_head * self.head_dim * length + conv

@@ -11,16 +11,27 @@ The layer follows the official parameterisation (papers/palimpsa.md):
 
 ``gla`` drops the importance (no W_b1, W_b2, b_scale): o = gated_linear_attention(q, k,
 bs * v / i_prior, log alpha) + D * v, which is what palimpsa computes when beta = 0.
+
+Defaults are the official layer's (its authors' code), each an option (tests hold them):
+short-conv weights N(0, 0.02) (``conv_init_std``; None: nn.Conv1d's uniform init); ``b_scale``
+one per head (``importance_scale="head"``; "channel": one per (head, value channel)) starting at
+1, i.e. softplus 1.313 (``b_scale_init``); W_b2 without bias (``beta_bias``), rank
+ceil(d_model / 16) (``beta_rank``); A ~ U(0, 16) (``a_init_range``), so some heads start with
+almost no decay. The paper's MQAR runs use ``expand_v=2``; the layer's default stays 1 (a
+drop-in mixer of the attention's width). gla shares the parameterisation, so the pair differs
+only by the importance.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from routemem.errors import ConfigError
-from routemem.layers.options import check_int, check_mode, check_positive
+from routemem.layers.options import check_choice, check_int, check_mode, check_positive
 from routemem.layers.recurrent_parts import (
     GatedRMSNorm, RecurrentMixer, ShortConv, full_precision, head_dim, l2norm, op_dtype,
 )
@@ -30,15 +41,27 @@ from routemem.ops.gla import MODES as GLA_MODES
 from routemem.ops.metaplastic import MODES as METAPLASTIC_MODES
 
 
+def check_range(owner: str, name: str, value) -> tuple[float, float]:
+    """(low, high) with 0 <= low <= high and high > 0: the range A is drawn from."""
+    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not ok or not 0 <= value[0] <= value[1] or not 0 < value[1] < math.inf:
+        raise ConfigError(f"{owner}: {name} must be (low, high) with 0 <= low <= high, 0 < high < inf, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
 @register_mixer("palimpsa")
 class PalimpsaMixer(RecurrentMixer):
-    """Options: ``expand_v`` (value head dim = expand_v * d_model / n_head), ``beta_rank`` (rank of
-    the importance-rate projection, palimpsa only, default 16), ``i_prior`` (prior importance),
-    ``mode``/``chunk_size`` (passed to the op), ``conv_width``."""
+    """Options: ``expand_v`` (value head dim = expand_v * d_model / n_head), ``i_prior`` (prior
+    importance), ``mode``/``chunk_size`` (passed to the op), ``conv_width``, ``conv_init_std``,
+    ``a_init_range``; palimpsa only: ``beta_rank`` (rank of the importance-rate projection, default
+    ceil(d_model / 16)), ``beta_bias``, ``importance_scale`` ("head" | "channel"), ``b_scale_init``."""
 
     def __init__(self, spec: LayerSpec, expand_v: int = 1, beta_rank: int | None = None,
                  i_prior: float = 1.0, mode: str = "auto", chunk_size: int = 64, conv_width: int = 4,
-                 metaplastic: bool = True):
+                 conv_init_std: float | None = 0.02, a_init_range: tuple[float, float] = (0.0, 16.0),
+                 beta_bias: bool | None = None, importance_scale: str | None = None,
+                 b_scale_init: float | None = None, metaplastic: bool = True):
         super().__init__()
         name = "palimpsa" if metaplastic else "gla"
         self.metaplastic = bool(metaplastic)
@@ -47,11 +70,20 @@ class PalimpsaMixer(RecurrentMixer):
         self.i_prior = check_positive(name, "i_prior", i_prior)
         self.mode = check_mode(name, mode, METAPLASTIC_MODES if metaplastic else GLA_MODES)
         self.chunk_size = check_int(name, "chunk_size", chunk_size)
+        self.conv_init_std = None if conv_init_std is None else check_positive(name, "conv_init_std", conv_init_std)
+        self.a_init_range = check_range(name, "a_init_range", a_init_range)
         if metaplastic:
-            beta_rank = check_int(name, "beta_rank", 16 if beta_rank is None else beta_rank)
-        elif beta_rank is not None:
-            raise ConfigError("gla has no importance rate, so beta_rank does not apply "
-                              "(use mixer='palimpsa')")
+            beta_rank = check_int(name, "beta_rank", math.ceil(spec.d_model / 16) if beta_rank is None else beta_rank)
+            beta_bias = bool(beta_bias)
+            importance_scale = check_choice(name, "importance_scale", importance_scale or "head", ("head", "channel"))
+            self.b_scale_init = 1.0 if b_scale_init is None else float(b_scale_init)
+        else:
+            given = [k for k, v in (("beta_rank", beta_rank), ("beta_bias", beta_bias),
+                                    ("importance_scale", importance_scale), ("b_scale_init", b_scale_init))
+                     if v is not None]
+            if given:
+                raise ConfigError(f"gla has no importance rate, so {', '.join(given)} does not apply "
+                                  "(use mixer='palimpsa')")
         D, H, dk, dv = spec.d_model, self.n_head, self.dk, self.dv
         self.conv_channels = 2 * H * dk + H * dv
         self.state_dims = (dv, dk)
@@ -66,8 +98,8 @@ class PalimpsaMixer(RecurrentMixer):
         self.D = nn.Parameter(torch.empty(H))  # skip on the value, per head
         if metaplastic:  # low-rank importance rate: evidence gathered per (head, value channel)
             self.beta_down = nn.Linear(D, beta_rank, bias=False)
-            self.beta_up = nn.Linear(beta_rank, H * dv, bias=True)
-            self.b_scale = nn.Parameter(torch.empty(H * dv))
+            self.beta_up = nn.Linear(beta_rank, H * dv, bias=beta_bias)
+            self.b_scale = nn.Parameter(torch.empty(H if importance_scale == "head" else H * dv))
         self.g_proj = nn.Linear(D, H * dv, bias=False)
         self.norm = GatedRMSNorm(dv, norm_before_gate=True)
         self.out_proj = nn.Linear(H * dv, D, bias=False)  # last Linear: the model's zero/scaled init finds it
@@ -89,8 +121,8 @@ class PalimpsaMixer(RecurrentMixer):
             log_alpha = -F.softplus(dt_raw.to(dtype) + self.dt_bias.to(dtype)) * self.A_log.to(dtype).exp()
             run = dict(state=state, mode=mode, dtype=dtype)
             if self.metaplastic:
-                rate = torch.sigmoid(beta_raw.to(dtype)) * F.softplus(self.b_scale.to(dtype))
-                beta = rate.reshape(B, T, H, dv) * bs
+                scale = F.softplus(self.b_scale.to(dtype)).reshape(H, -1)  # [H, 1] or [H, dv]
+                beta = torch.sigmoid(beta_raw.to(dtype)).reshape(B, T, H, dv) * scale * bs
                 o, recurrent = self._recurrence(metaplastic_attention, q, k, v * bs, beta, log_alpha,
                                                 i_prior=self.i_prior, **run)
             else:
@@ -101,12 +133,20 @@ class PalimpsaMixer(RecurrentMixer):
         y = self.out_proj(o.reshape(B, T, H * dv).to(x.dtype))
         return y, (None if state is None else {"conv": conv_buffer, **recurrent})
 
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        super()._init_weights()
+        if self.conv_init_std is not None:  # as the official model, which re-initialises every conv so
+            nn.init.normal_(self.conv.weight, std=self.conv_init_std)
+
 
 @register_mixer("gla")
 class GLAMixer(PalimpsaMixer):
     """Scalar-decay gated linear attention: palimpsa without importance (beta = 0)."""
 
     def __init__(self, spec: LayerSpec, expand_v: int = 1, i_prior: float = 1.0, mode: str = "auto",
-                 chunk_size: int = 64, conv_width: int = 4):
+                 chunk_size: int = 64, conv_width: int = 4, conv_init_std: float | None = 0.02,
+                 a_init_range: tuple[float, float] = (0.0, 16.0)):
         super().__init__(spec, expand_v=expand_v, i_prior=i_prior, mode=mode, chunk_size=chunk_size,
-                         conv_width=conv_width, metaplastic=False)
+                         conv_width=conv_width, conv_init_std=conv_init_std, a_init_range=a_init_range,
+                         metaplastic=False)

@@ -68,11 +68,12 @@ def init_dt_bias(param: torch.Tensor, dt_min: float = 1e-3, dt_max: float = 0.1)
 
 @torch.no_grad()
 def init_A_log(param: torch.Tensor, low: float = 1.0, high: float = 16.0) -> torch.Tensor:
-    """A ~ U(low, high), stored as log A (A = exp(A_log) stays positive whatever training does)."""
-    if not 0 < low <= high:
-        raise ConfigError(f"need 0 < low <= high for A, got low={low}, high={high}")
+    """A ~ U(low, high), stored as log A (A = exp(A_log) stays positive whatever training does).
+    low = 0 is allowed (Palimpsa's official range): a draw of exactly 0 becomes the smallest float."""
+    if not 0 <= low <= high or high <= 0:
+        raise ConfigError(f"need 0 <= low <= high and high > 0 for A, got low={low}, high={high}")
     A = torch.empty(param.shape, dtype=torch.float64, device=param.device).uniform_(low, high)
-    return param.copy_(A.log().to(param.dtype))
+    return param.copy_(A.clamp_min(torch.finfo(param.dtype).tiny).log().to(param.dtype))
 
 
 # --- modules ---------------------------------------------------------------------------------
@@ -150,14 +151,15 @@ class RecurrentMixer(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self) -> None:
-        """Mamba2's decay init (``A_log``, ``dt_bias``); the ``D`` skip at 1 and softplus(``b_scale``)
-        = 1 for the mixers that have them."""
-        init_A_log(self.A_log)
+        """Mamba2's decay init (``A_log`` from the mixer's ``a_init_range``, default U(1, 16);
+        ``dt_bias``); the ``D`` skip at 1 and ``b_scale`` at the mixer's ``b_scale_init`` (default:
+        softplus(b_scale) = 1) for the mixers that have them."""
+        init_A_log(self.A_log, *getattr(self, "a_init_range", (1.0, 16.0)))
         init_dt_bias(self.dt_bias)
         if getattr(self, "D", None) is not None:
             self.D.fill_(1.0)
         if getattr(self, "b_scale", None) is not None:
-            self.b_scale.fill_(float(inverse_softplus(1.0)))
+            self.b_scale.fill_(getattr(self, "b_scale_init", float(inverse_softplus(1.0))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, None, self.mode)[0]

@@ -50,7 +50,9 @@ def metaplastic_attention(q, k, v, beta, log_alpha, *, i_prior=1.0, scale=None, 
 
     initial_state: ``(mu, importance)``, each [B,H,Dv,Dk]; default mu = 0, importance = i_prior.
     Returns o [B,T,H,Dv]; with ``output_uncertainty`` also scale^2 * sum_k q_k^2 / I_t[:, k]
-    [B,T,H,Dv]; with ``output_final_state`` also the final ``(mu, importance)``. When either is
+    [B,T,H,Dv] (the variance of o under the posterior; the authors' PyTorch reference uses scale^2,
+    their Triton kernels ``scale``: we follow the reference, in every mode);
+    with ``output_final_state`` also the final ``(mu, importance)``. When either is
     asked the result is a tuple in that order, otherwise o alone.
     ``mode``: "reference" (a loop over t), "chunk" (PyTorch, any device), "fused" (compiled CPU
     kernel) or "auto" (fused where it applies, else chunk); all compute the same function.
