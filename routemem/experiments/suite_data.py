@@ -119,8 +119,12 @@ def claim_text(claim: dict) -> dict:
     """The claims table's cells for one claim (strings; a missing field is empty)."""
     extra = {key: value for key, value in claim.items() if key not in CLAIM_KEYS}
     measured = extra.pop("measured", None)
-    ours = {**measured, **extra} if isinstance(measured, dict) and not is_summary(measured) else \
-        ({"measured": measured, **extra} if extra else measured)
+    if isinstance(measured, dict) and not is_summary(measured):
+        ours = {**measured, **extra}
+    elif measured is None:
+        ours = extra or None
+    else:
+        ours = {"measured": measured, **extra} if extra else measured
     return {"id": str(claim.get("id", "")), "statement": str(claim.get("statement") or claim.get("description") or ""),
             "paper": render_fields(claim.get("paper")) if claim.get("paper") is not None else "",
             "ours": render_fields(ours) if ours is not None else "",
