@@ -34,7 +34,8 @@ def fake_results(name: str, claims: list[dict] | None = None, mode: str = "quick
             "claims": claims if claims is not None else [
                 {"id": f"{name.replace('-', '_')}_claim", "statement": f"{name} beats the baseline",
                  "paper": {"ours": 4.57, "baseline": 4.32},
-                 "measured": {"ours": {"mean": 5.35, "std": 0.11, "n": 3}, "baseline": {"mean": 5.36, "std": 0.02, "n": 3}},
+                 "measured": {"ours": {"mean": 5.35, "std": 0.11, "n": 3},
+                              "baseline": {"mean": 5.36, "std": 0.02, "n": 3}},
                  "verdict": "reproduced", "why": f"{name}: intervals disjoint"}],
             "runs": []}
 

@@ -52,8 +52,8 @@ def synthetic_suite(out: Path) -> Path:
     gpu["env"], gpu["data"] = GPU_ENV, {"train": "mqar (synthetic)"}
     study("gpu-study", gpu, ("ppl.png",))
     study("beta", None)
-    entry = {"mode": "quick", "fingerprint": "f00d", "results": "{}/results.json", "started": "2026-11-27T10:00:00+00:00",
-             "finished": "2026-11-27T10:02:18+00:00", "status": "complete"}
+    entry = {"mode": "quick", "fingerprint": "f00d", "status": "complete", "started": "2026-11-27T10:00:00+00:00",
+             "finished": "2026-11-27T10:02:18+00:00"}
     studies = {
         "alpha": {**entry, "results": "alpha/results.json", "seconds": 138.2,
                   "command": f"routemem reproduce alpha --quick --out {out} --device auto --jobs 2"},

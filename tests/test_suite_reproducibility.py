@@ -24,9 +24,9 @@ def literal_claim_ids(path: Path) -> set[str]:
             ids |= {v.value for k, v in zip(node.keys, node.values) if isinstance(k, ast.Constant) and k.value == "id"
                     and isinstance(v, ast.Constant) and isinstance(v.value, str)}
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in positions:
-            given = dict(enumerate(node.args)) | {positions[node.func.id]: k.value for k in node.keywords
-                                                  if k.arg == "claim_id"}
-            arg = given.get(positions[node.func.id])
+            position = positions[node.func.id]
+            by_name = [k.value for k in node.keywords if k.arg == "claim_id"]
+            arg = by_name[0] if by_name else (node.args[position] if len(node.args) > position else None)
             if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
                 ids.add(arg.value)
     return ids
@@ -64,5 +64,6 @@ def test_every_claim_id_is_in_its_studys_section():
 def test_the_claim_code_reader_finds_literal_ids(tmp_path):
     source = tmp_path / "fake_claims.py"
     source.write_text('def c(runs, claim_id, x=1):\n    return {"id": claim_id}\n'
-                      'def claims():\n    return [c([], "first"), c([], claim_id="second"), {"id": "third"}, c([], x)]\n')
+                      'def claims():\n'
+                      '    return [c([], "first"), c([], claim_id="second"), {"id": "third"}, c([], x)]\n')
     assert literal_claim_ids(source) == {"first", "second", "third"}

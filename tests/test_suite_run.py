@@ -84,6 +84,17 @@ def test_another_mode_or_a_lost_results_file_runs_the_study_again(monkeypatch, t
     assert fakes.calls == {"fake-a": 2, "fake-b": 3} and manifest(out)["studies"]["fake-a"]["mode"] == "full"
 
 
+def test_another_data_folder_runs_the_study_again(monkeypatch, tmp_path):
+    fakes = FakeStudies(monkeypatch, ["fake-a"])
+    monkeypatch.setenv("ROUTEMEM_DATA", str(tmp_path / "data"))
+    out = tmp_path / "all"
+    assert reproduce_all(out) == 0 and reproduce_all(out, "--data-dir", str(tmp_path / "data")) == 0
+    assert fakes.calls == {"fake-a": 1}  # the same folder, named by the variable, then by the flag
+    assert manifest(out)["studies"]["fake-a"]["data_dir"] == str(tmp_path / "data")
+    assert reproduce_all(out, "--data-dir", str(tmp_path / "other")) == 0
+    assert fakes.calls == {"fake-a": 2}
+
+
 def test_force_runs_every_study_again_from_an_empty_run_cache(monkeypatch, tmp_path):
     fakes = FakeStudies(monkeypatch, ["fake-a", "fake-b"])
     out = tmp_path / "all"

@@ -5,8 +5,8 @@ Each study is called exactly as ``routemem reproduce <study>`` calls it. The man
 ``OUT/suite.json`` (rewritten atomically after each study) records per study its status
 (complete | failed | missing), mode, a fingerprint of its setting, the equivalent single command,
 wall time, timestamps, the error of a failure, and where its results.json is. A later ``all`` with
-the same mode reuses a study that is complete with the same setting fingerprint and whose
-results.json is still there; the others run again (each study's own run cache still reuses its
+the same mode reuses a study that is complete with the same setting fingerprint and data folder
+and whose results.json is still there; the others run again (each study's own run cache still reuses its
 finished runs). ``force=True`` runs every study again from scratch: it deletes ``OUT/<study>/runs/``
 (the study's run cache, with the ocl-baselines backbone) before the study runs, so nothing is reused.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import shlex
 import shutil
 import time
@@ -30,6 +31,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from routemem import experiments
+from routemem.data.corpora import DATA_ENV
 from routemem.errors import UserError
 from routemem.fileio import write_text_atomic
 
@@ -70,6 +72,13 @@ def suite_command(out: Path, quick: bool, data_dir: str | None, device: str, job
     return study_command("all", out, quick, data_dir, device, jobs) + (" --force" if force else "")
 
 
+def data_folder(data_dir: str | None) -> str | None:
+    """The corpora folder a study will read (--data-dir, else $ROUTEMEM_DATA): the studies choose
+    their corpora by what it holds, so a study run on another folder is not reused."""
+    folder = data_dir or os.environ.get(DATA_ENV)
+    return os.path.abspath(os.path.expanduser(folder)) if folder else None
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -82,10 +91,11 @@ def read_manifest(out: Path) -> dict:
         return {"studies": {}}
     try:
         manifest = json.loads(path.read_text())
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("studies"), dict):
-            raise ValueError("no 'studies' mapping")
     except (OSError, ValueError) as err:
         raise UserError(f"{path} is not a routemem suite manifest ({err}); remove it or choose another --out")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("studies"), dict):
+        raise UserError(f"{path} is not a routemem suite manifest (no 'studies' mapping); remove it or choose "
+                        "another --out")
     return manifest
 
 
@@ -94,9 +104,9 @@ def write_manifest(out: Path, manifest: dict) -> None:
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2))
 
 
-def reusable(entry: dict | None, mode: str, fingerprint: str | None, out: Path) -> bool:
+def reusable(entry: dict | None, mode: str, fingerprint: str | None, data: str | None, out: Path) -> bool:
     return (entry is not None and entry.get("status") == COMPLETE and entry.get("mode") == mode
-            and fingerprint is not None and entry.get("fingerprint") == fingerprint
+            and fingerprint is not None and entry.get("fingerprint") == fingerprint and entry.get("data_dir") == data
             and (out / entry.get("results", "")).is_file())
 
 
@@ -116,13 +126,14 @@ def run_study(name: str, out: Path, quick: bool, data_dir: str | None, device: s
     if force:
         shutil.rmtree(out / name / "runs", ignore_errors=True)  # the study's run cache: retrain every run
     entry = {"mode": "quick" if quick else "full", "fingerprint": setting_fingerprint(name, quick),
+             "data_dir": data_folder(data_dir),
              "command": study_command(name, out, quick, data_dir, device, jobs),
              "results": f"{name}/results.json", "started": now()}
     clock = time.perf_counter()
     try:
         experiments.STUDIES[name](out=out, quick=quick, data_dir=data_dir, device=device, jobs=jobs, shard=None)
         entry["status"] = COMPLETE
-    except Exception as err:  # a failed study must not cost the others; Ctrl-C still stops the suite
+    except Exception as err:  # noqa: BLE001  a failed study must not cost the others; Ctrl-C still stops the suite
         entry.update(status=FAILED, error=error_record(err))
     entry.update(seconds=time.perf_counter() - clock, finished=now())
     return entry
@@ -155,7 +166,7 @@ def run_suite(out: str | Path, quick: bool = False, data_dir: str | None = None,
                 continue
             previous = manifest["studies"].get(name)
             bar.set_postfix_str(name)
-            if not force and reusable(previous, mode, setting_fingerprint(name, quick), out):
+            if not force and reusable(previous, mode, setting_fingerprint(name, quick), data_folder(data_dir), out):
                 invocation["reused"].append(name)
                 tqdm.write(f"suite: {name}: complete in an earlier run with the same setting, reused")
             else:

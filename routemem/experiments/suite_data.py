@@ -16,7 +16,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from routemem.experiments.suite import COMPLETE, FAILED, MISSING, read_manifest, suite_order
+from routemem.experiments.suite import (
+    COMPLETE,
+    FAILED,
+    MISSING,
+    read_manifest,
+    suite_order,
+)
 
 CLAIM_KEYS = ("id", "statement", "description", "verdict", "why", "paper")  # everything else is "ours"
 ENV_KEYS = ("device", "cpu", "gpu", "threads", "torch", "cuda", "python", "routemem", "git_commit")
@@ -81,7 +87,7 @@ def is_summary(value) -> bool:
 
 
 def number(value) -> str:
-    if isinstance(value, bool) or isinstance(value, int):
+    if isinstance(value, (bool, int)):
         return str(value)
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
@@ -149,7 +155,7 @@ def verdict_class(verdict: str) -> str:
 def duration(seconds) -> str:
     if not isinstance(seconds, (int, float)):
         return "—"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:

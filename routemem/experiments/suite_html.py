@@ -108,9 +108,9 @@ def study_section(suite: SuiteView, study: StudyView) -> str:
         done = (f" Verdicts: {e(counts_text(study.claims))}. Its report: <a href=\"{e(study.name)}/report.md\">"
                 f"{e(study.name)}/report.md</a>." if study.results else "")
         parts += [
-            f"<p>Mode: {e(entry.get('mode', '—'))}, setting fingerprint "
+            (f"<p>Mode: {e(entry.get('mode', '—'))}, setting fingerprint "
             f"{e(entry.get('fingerprint') or '— (no Setting)')}. Wall time: {e(duration(entry.get('seconds')))} "
-            f"(started {e(entry.get('started', '—'))}, finished {e(entry.get('finished', '—'))}).{done}</p>",
+            f"(started {e(entry.get('started', '—'))}, finished {e(entry.get('finished', '—'))}).{done}</p>"),
             f"<pre>{e(entry.get('command', ''))}</pre>"]
     if study.status == FAILED:
         error = entry.get("error") or {}
@@ -156,10 +156,10 @@ def build_page(suite: SuiteView) -> str:
                      for v in ("reproduced", "not reproduced", "inconclusive"))
     body = [
         "<h1>routemem: every claim of every study</h1>",
-        f"<p>Mode: {e(manifest.get('mode', '—'))}. Command: <code>{e(manifest.get('command', ''))}</code>. "
-        f"Updated {e(manifest.get('updated', '—'))}.</p>",
-        f"<p>Studies: {e(summary)}. Verdicts: {e(counts_text([c for _, c in suite.claims]))}. Absolute numbers "
-        "differ from the papers (the models are tiny); directions and ratios are what the verdict rules test.</p>",
+        (f"<p>Mode: {e(manifest.get('mode', '—'))}. Command: <code>{e(manifest.get('command', ''))}</code>. "
+        f"Updated {e(manifest.get('updated', '—'))}.</p>"),
+        (f"<p>Studies: {e(summary)}. Verdicts: {e(counts_text([c for _, c in suite.claims]))}. Absolute numbers "
+        "differ from the papers (the models are tiny); directions and ratios are what the verdict rules test.</p>"),
         f'<p class="legend">{legend}</p>',
         "<h2>Claims</h2>", claims_table(suite),
         *[study_section(suite, study) for study in suite.studies],

@@ -10,8 +10,8 @@ from pathlib import Path
 from routemem.experiments.suite import FAILED, MISSING
 from routemem.experiments.suite_data import (
     ENV_KEYS,
-    SuiteView,
     StudyView,
+    SuiteView,
     claim_text,
     counts_text,
     duration,
@@ -53,7 +53,9 @@ def study_section(study: StudyView, manifest: dict) -> str:
     lines = [f"## Study: {study.name}", "", f"- status: {status_text(study, manifest)}"]
     if study.status == MISSING:
         return "\n".join(lines)
-    lines += [f"- mode: {entry.get('mode', '—')}, setting fingerprint {entry.get('fingerprint') or '— (no Setting)'}",
+    fingerprint = entry.get("fingerprint") or "— (no Setting)"
+    lines += [f"- mode: {entry.get('mode', '—')}, setting fingerprint {fingerprint}, data folder "
+              f"{entry.get('data_dir') or '—'}",
               f"- wall time: {duration(entry.get('seconds'))} (started {entry.get('started', '—')}, "
               f"finished {entry.get('finished', '—')})"]
     if study.results:
@@ -92,11 +94,12 @@ def commands(suite: SuiteView) -> str:
     rows = [[s.name, s.status, f"`{s.entry.get('command', '—')}`", duration(s.entry.get("seconds"))]
             for s in suite.studies if s.status != MISSING]
     invocation = suite.manifest.get("invocation") or {}
+    ran, reused = (", ".join(invocation.get(key) or []) or "none" for key in ("ran", "reused"))
     return "\n".join([
         table(["study", "status", "command", "wall time"], rows), "",
         f"Total of the studies' wall times: {duration(total_seconds(suite))}. This invocation "
         f"(`{suite.manifest.get('command', '')}`) took {duration(invocation.get('seconds'))}: "
-        f"ran {', '.join(invocation.get('ran') or []) or 'none'}; reused {', '.join(invocation.get('reused') or []) or 'none'}."])
+        f"ran {ran}; reused {reused}."])
 
 
 def build_report(suite: SuiteView) -> str:
@@ -106,12 +109,12 @@ def build_report(suite: SuiteView) -> str:
     parts = [
         "# routemem: every claim of every study",
         "",
-        f"Mode: {suite.manifest.get('mode', '—')}. Command: `{suite.manifest.get('command', '')}`. "
-        f"Updated {suite.manifest.get('updated', '—')}.",
+        (f"Mode: {suite.manifest.get('mode', '—')}. Command: `{suite.manifest.get('command', '')}`. "
+        f"Updated {suite.manifest.get('updated', '—')}."),
         "",
-        f"Studies: {summary}. Verdicts: {counts_text([c for _, c in suite.claims])}. "
+        (f"Studies: {summary}. Verdicts: {counts_text([c for _, c in suite.claims])}. "
         "Absolute numbers differ from the papers (the models are tiny); directions and ratios are "
-        "what the verdict rules test. `report.html` beside this file is the same report as one page.",
+        "what the verdict rules test. `report.html` beside this file is the same report as one page."),
         "",
         "## Claims",
         "",
