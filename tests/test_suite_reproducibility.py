@@ -5,6 +5,7 @@ ablation claims (one per ablation in rwf.ABLATIONS)."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from routemem.experiments import STUDIES
@@ -67,3 +68,17 @@ def test_the_claim_code_reader_finds_literal_ids(tmp_path):
                       'def claims():\n'
                       '    return [c([], "first"), c([], claim_id="second"), {"id": "third"}, c([], x)]\n')
     assert literal_claim_ids(source) == {"first", "second", "third"}
+
+
+def test_its_commands_parse():
+    import shlex
+
+    from routemem.cli import build_parser
+
+    text = (ROOT / "REPRODUCIBILITY.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL)
+    commands = [line.split("#")[0] for block in blocks for line in block.splitlines() if line.startswith("routemem ")]
+    assert len(commands) >= 2 * len(STUDIES)
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command)[1:])
+        assert args.study in (*STUDIES, "all"), command
