@@ -196,3 +196,31 @@ def test_help_lists_all_and_force(capsys):
         main(["reproduce", "--help"])
     text = capsys.readouterr().out
     assert "all        every study above" in text and "--force" in text and "OUT/<study>/runs/" in text
+
+
+def test_a_real_study_end_to_end(monkeypatch, tmp_path):
+    """palimpsa on a few-step setting (seconds): its real results.json, claims and plots reach both
+    reports, and the second run reuses it without touching its files."""
+    from routemem import experiments
+    from routemem.experiments import palimpsa
+
+    tiny = replace(palimpsa.QUICK, mixers=("attention", "gla"), d_model=16, n_head=2, vocab_size=64,
+                   train_tasks=((16, 2, 0), (16, 3, 2)), steps=3, batch_size=4, lrs=(1e-3,), seeds=(0, 1),
+                   test_grid=((16, 2), (32, 4)), overwrite_test=(16, 3, 2), n_val=4, n_test=6, warmup_steps=1)
+    monkeypatch.setattr(experiments, "STUDIES", {"palimpsa": experiments.STUDIES["palimpsa"]})
+    monkeypatch.setattr(palimpsa, "QUICK", tiny)
+    out = tmp_path / "all"
+    assert reproduce_all(out, "--device", "cpu") == 0
+    results = json.loads((out / "palimpsa" / "results.json").read_text())
+    report, page = (out / "REPORT.md").read_text(), (out / "report.html").read_text()
+    for claim in results["claims"]:
+        assert f"**{claim['id']}**" in report and f"| **{claim['verdict']}** |" in report
+        assert f"<b>{claim['id']}</b>" in page
+    plots = sorted(p.name for p in (out / "palimpsa").glob("*.png"))
+    assert plots and all(f"(palimpsa/{name})" in report for name in plots)
+    assert page.count('src="data:image/png;base64,') == len(plots)
+    assert "missing (this version of routemem has no such study)" in report  # the five others
+    stamp = (out / "palimpsa" / "results.json").stat().st_mtime_ns
+    assert reproduce_all(out, "--device", "cpu") == 0
+    assert (out / "palimpsa" / "results.json").stat().st_mtime_ns == stamp
+    assert manifest(out)["invocation"]["reused"] == ["palimpsa"]
