@@ -22,7 +22,7 @@ ALPHA_CLAIMS = [
      "measured": [1.5, {"a": None, "b": float("nan")}, "text", list(range(10))],
      "verdict": "not reproduced", "why": "the opposite <b>direction</b>"},
     {"id": "pairs_only", "statement": "RwF beats L2P", "paper": {"ours": "beats all prompt methods"},
-     "pairs": [{"baseline": "l2p", "metric": "a_auc", "verdict": "inconclusive",
+     "pairs": [{"baseline": "l2p", "metric": "a_auc", "verdict": "inconclusive", "why": "nested why",
                 "ours": {"mean": 0.41, "std": 0.05, "n": 2}, "baseline_stats": {"mean": 0.4, "std": 0.06, "n": 2}}],
      "verdict": "inconclusive", "why": "0 of 1 pairs reproduced"},
     {"id": "bare_number", "statement": "A scalar measurement", "measured": 0.125, "chance": 0.0625,

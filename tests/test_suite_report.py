@@ -62,6 +62,7 @@ def test_claims_of_unusual_shapes_render(report):
     assert "[1.5; a: —, b: —; text; [0; 1; 2; 3; 4; 5; 6; 7, … (10 in all)]]" in rows[1]
     assert "| pairs: [baseline: l2p, metric: a_auc, verdict: inconclusive, ours: 0.41 ± 0.05 (n=2), " \
            "baseline_stats: 0.4 ± 0.06 (n=2)] |" in rows[2]  # no "measured" field: what the claim has instead
+    assert "nested why" not in rows[2]  # a comparison's why repeats its numbers: the claim's why has a column
     assert "measured: 0.125; chance: 0.0625" in rows[3] and "| **reproduced (by a hair)** |" in rows[3]
 
 

@@ -121,9 +121,19 @@ def render_fields(fields) -> str:
     return "; ".join(f"{key}: {render(value)}" for key, value in fields.items())
 
 
+def without_why(value):
+    """``value`` less any nested "why": a claim's own why has its own column, and the studies'
+    per-comparison whys repeat the numbers already shown."""
+    if isinstance(value, dict):
+        return {key: without_why(item) for key, item in value.items() if key != "why"}
+    if isinstance(value, list):
+        return [without_why(item) for item in value]
+    return value
+
+
 def claim_text(claim: dict) -> dict:
     """The claims table's cells for one claim (strings; a missing field is empty)."""
-    extra = {key: value for key, value in claim.items() if key not in CLAIM_KEYS}
+    extra = {key: without_why(value) for key, value in claim.items() if key not in CLAIM_KEYS}
     measured = extra.pop("measured", None)
     if isinstance(measured, dict) and not is_summary(measured):
         ours = {**measured, **extra}

@@ -37,6 +37,9 @@ table { border-collapse: collapse; margin: 0.8em 0 1.6em; width: 100%; }
 th, td { border: 1px solid #c8c8cc; padding: 0.35em 0.5em; text-align: left; vertical-align: top; }
 th { background: #eef0f3; }
 td.ours, td.paper { font-size: 0.9em; }
+table.claims td:nth-child(2) { min-width: 14em; }
+table.claims td.paper { min-width: 10em; }
+table.claims td.ours { min-width: 18em; }
 .verdict { font-weight: 600; white-space: nowrap; }
 .v-ok { background: #d8f5dc; color: #0b5d1e; }
 .v-bad { background: #fbdada; color: #8a1111; }
