@@ -186,4 +186,6 @@ def run_suite(out: str | Path, quick: bool = False, data_dir: str | None = None,
 
 
 def failed(manifest: dict) -> list[str]:
-    return [name for name, entry in manifest["studies"].items() if entry.get("status") == FAILED]
+    """The studies of this suite that failed (a study no longer in the suite does not count)."""
+    studies = manifest["studies"]
+    return [name for name in manifest.get("order", studies) if studies.get(name, {}).get("status") == FAILED]
