@@ -45,6 +45,7 @@ def synthetic_suite(out: Path) -> Path:
             (folder / plot).write_bytes(tiny_png(20 + i, 10, (200, 40 * i, 10)))
 
     alpha = fake_results("alpha", ALPHA_CLAIMS)
+    alpha["runs_reused"] = 17
     alpha["data"] = {"train": "shakespeare", "shift": "warandpeace",
                      "sha256": {"shakespeare": "86c4e6aa", "warandpeace": "cea8ccb6"}}
     study("alpha", alpha, ("curves.png", "tradeoff.png"))

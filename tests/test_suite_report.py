@@ -93,6 +93,8 @@ def test_environment_hashes_commands_and_wall_times(report):
     for text in ("| alpha | cpu | Fake CPU 9000 | — | 2 | 2.13.0+cpu |", "abc1234def",
                  "| gpu-study | cuda |", "NVIDIA H100 80GB HBM3", "2.11.0+cu130", "ccf1510aaa"):
         assert text in env, text
+    assert "| 2 | 17 | Fake CPU 9000 (cpu, 2 threads), 2 worker processes |" in env  # jobs, runs reused, trained on
+    assert "| NVIDIA H100 80GB HBM3 (cuda, 2 threads), 2 worker processes |" in env
     corpora = report.split("## Corpora", 1)[1].split("\n## ", 1)[0]
     assert "| alpha | shakespeare | `86c4e6aa` |" in corpora and "| alpha | warandpeace | `cea8ccb6` |" in corpora
     assert "| gpu-study | (none recorded) | — |" in corpora

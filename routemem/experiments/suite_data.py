@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from routemem.experiments.common import where_trained
 from routemem.experiments.suite import (
     COMPLETE,
     FAILED,
@@ -26,6 +27,7 @@ from routemem.experiments.suite import (
 
 CLAIM_KEYS = ("id", "statement", "description", "verdict", "why", "paper")  # everything else is "ours"
 ENV_KEYS = ("device", "cpu", "gpu", "threads", "torch", "cuda", "python", "routemem", "git_commit")
+ENV_COLUMNS = (*ENV_KEYS, "jobs", "runs reused", "trained on")
 LIST_SHOWN = 8  # longer lists show their first items and a count
 
 
@@ -182,9 +184,17 @@ def status_text(study: StudyView, manifest: dict) -> str:
 
 
 def env_row(study: StudyView) -> dict:
-    env = (study.results or {}).get("env") or {}
+    """The ENV_COLUMNS of a study's results: its machine header, worker processes, the runs its run
+    cache already held, and where its runs were trained (study reports' "on ..." phrase)."""
+    results = study.results or {}
+    env = results.get("env") or {}
     row = {key: env.get(key) for key in ENV_KEYS}
-    row["jobs"] = ((study.results or {}).get("execution") or {}).get("jobs")
+    row["jobs"] = (results.get("execution") or {}).get("jobs")
+    row["runs reused"] = results.get("runs_reused")
+    try:
+        row["trained on"] = where_trained(results)
+    except (KeyError, TypeError, AttributeError):  # an older or partial header
+        row["trained on"] = None
     return {key: "—" if value is None else str(value) for key, value in row.items()}
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from routemem.experiments.suite import FAILED, MISSING
 from routemem.experiments.suite_data import (
-    ENV_KEYS,
+    ENV_COLUMNS,
     StudyView,
     SuiteView,
     claim_text,
@@ -126,7 +126,7 @@ def study_section(suite: SuiteView, study: StudyView) -> str:
 def environment(suite: SuiteView) -> str:
     rows = ["<tr>" + td(s.name) + "".join(td(v) for v in env_row(s).values()) + "</tr>"
             for s in suite.studies if s.results]
-    return html_table(["study", *ENV_KEYS, "jobs"], rows, "env")
+    return html_table(["study", *ENV_COLUMNS], rows, "env")
 
 
 def corpora(suite: SuiteView) -> str:

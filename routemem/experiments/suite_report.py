@@ -9,7 +9,7 @@ from pathlib import Path
 
 from routemem.experiments.suite import FAILED, MISSING
 from routemem.experiments.suite_data import (
-    ENV_KEYS,
+    ENV_COLUMNS,
     StudyView,
     SuiteView,
     claim_text,
@@ -76,7 +76,7 @@ def environment(suite: SuiteView) -> str:
     done = [s for s in suite.studies if s.results]
     if not done:
         return "No results to take the environment from."
-    header = ["study", *ENV_KEYS, "jobs"]
+    header = ["study", *ENV_COLUMNS]
     return table(header, [[s.name, *env_row(s).values()] for s in done])
 
 
