@@ -113,6 +113,12 @@ def test_summary_lines_name_each_study_and_its_state(tmp_path):
     assert lines[3].startswith("gamma      missing")
 
 
+def test_a_study_the_suite_has_not_reached_is_not_called_missing(tmp_path):
+    (tmp_path / "suite.json").write_text('{"studies": {}, "order": ["later"]}')
+    report = build_report(gather(tmp_path))
+    assert "- status: not run yet" in report and "missing" not in report
+
+
 def test_an_empty_suite_says_so(tmp_path):
     (tmp_path / "suite.json").write_text('{"studies": {}, "order": []}')
     assert "there are no claims yet" in build_report(gather(tmp_path))

@@ -70,7 +70,8 @@ def gather(out: str | Path) -> SuiteView:
     order = manifest.get("order") or suite_order()
     studies = []
     for name in order:
-        view = StudyView(name, manifest["studies"].get(name) or {"status": MISSING})
+        # no entry yet: the suite was stopped (or is still running) before this study
+        view = StudyView(name, manifest["studies"].get(name) or {"status": "not run yet"})
         if view.status == COMPLETE:
             try:
                 view.results = json.loads((out / view.entry.get("results", f"{name}/results.json")).read_text())
