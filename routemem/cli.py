@@ -156,9 +156,14 @@ def cmd_reproduce(args) -> int:
     from routemem.experiments import STUDIES
     from routemem.experiments.runner import Shard, parse_jobs
 
+    if args.study == "all":
+        return cmd_reproduce_all(args)
+    if args.force:
+        raise UserError(f"--force applies to 'all' only; a single study reuses the finished runs in "
+                        f"{Path(args.out) / args.study / 'runs'}: delete that folder to train them again")
     if args.study not in STUDIES:
         known = ", ".join(sorted(STUDIES)) or "none yet"
-        raise UserError(f"unknown study '{args.study}' (available: {known})")
+        raise UserError(f"unknown study '{args.study}' (available: {known}, or all)")
     extra = {}
     if args.pair is not None:
         if args.study != "apn":
@@ -180,6 +185,24 @@ def cmd_reproduce(args) -> int:
 
     print("\n".join(verdict_lines(out, Path(args.out) / args.study / "report.md")))
     return 0
+
+
+def cmd_reproduce_all(args) -> int:
+    """Every study into OUT (resumable, see routemem/experiments/suite.py), then OUT/REPORT.md and
+    OUT/report.html; exit 1 when a study failed (the others still ran and are reported)."""
+    from routemem.experiments.suite import failed, run_suite
+    from routemem.experiments.suite_html import write_page
+    from routemem.experiments.suite_report import summary_lines, write_report
+
+    if args.pair is not None:
+        raise UserError("--pair applies to the apn study only; 'all' runs apn with its default pair")
+    if args.shard is not None:
+        raise UserError("--shard applies to one study; run 'routemem reproduce <study> --shard I/N' per study")
+    manifest = run_suite(args.out, quick=args.quick, data_dir=args.data_dir, device=args.device, jobs=args.jobs,
+                         force=args.force)
+    report, page = write_report(args.out), write_page(args.out)
+    print("\n".join(summary_lines(args.out) + [f"report: {report}", f"page:   {page}"]))
+    return 1 if failed(manifest) else 0
 
 
 def cmd_pretrain_vit(args) -> int:
@@ -226,7 +249,11 @@ def _reproduce_description() -> str:
     from routemem.experiments import ABOUT
 
     return "Run a paper's experiment; writes OUT/<study>/{results.json, report.md, *.png}.\n\nstudies:\n" + \
-        "\n".join(f"  {name:<10} {text}" for name, text in ABOUT.items())
+        "\n".join(f"  {name:<10} {text}" for name, text in ABOUT.items()) + \
+        "\n  all        every study above into OUT, in order, then OUT/REPORT.md and OUT/report.html (one " \
+        "table of\n             every claim); resumable: a study complete in OUT with the same mode and " \
+        "setting is reused\n             (OUT/suite.json); a failed study is reported and the others " \
+        "still run (exit 1)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="run a paper's experiment; writes OUT/<study>/results.json",
                        description=_reproduce_description(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("study", help="which study (listed above)")
+    p.add_argument("study", help="which study (listed above), or all")
     p.add_argument("--out", default="results", help="results go to OUT/<study>/ (default: results)")
     p.add_argument("--quick", action="store_true", help="the small setting: minutes, not hours, on a CPU")
     p.add_argument("--data-dir", help="folder holding file corpora (default $ROUTEMEM_DATA)")
@@ -305,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(on cuda all share the one GPU)")
     p.add_argument("--shard", metavar="I/N", help="train only runs I, I+N, I+2N, ... (0 <= I < N) into "
                    "OUT/<study>/runs/ and stop; a last run without --shard writes the report")
+    p.add_argument("--force", action="store_true", help="all only: run every study again, none reused; "
+                   "deletes each study's run cache (OUT/<study>/runs/, the ocl-baselines backbone too) first")
     p.set_defaults(func=cmd_reproduce)
     p = sub.add_parser("pretrain-vit", help="pretrain a small ViT on a source's pretraining classes; "
                        "writes FILE.safetensors and FILE.json",
