@@ -198,6 +198,8 @@ def cmd_reproduce_all(args) -> int:
         raise UserError("--pair applies to the apn study only; 'all' runs apn with its default pair")
     if args.shard is not None:
         raise UserError("--shard applies to one study; run 'routemem reproduce <study> --shard I/N' per study")
+    if args.setting is not None:
+        raise UserError("--setting applies to the palimpsa study only; 'all' runs each study's quick or full setting")
     manifest = run_suite(args.out, quick=args.quick, data_dir=args.data_dir, device=args.device, jobs=args.jobs,
                          force=args.force)
     report, page = write_report(args.out), write_page(args.out)

@@ -204,6 +204,7 @@ def test_setting_by_name_and_its_errors(tmp_path):
     with pytest.raises(UserError, match="contradict"):
         palimpsa.pick_setting(True, "paper")
     assert main(["reproduce", "apn", "--setting", "paper", "--out", str(tmp_path)]) == 2
+    assert main(["reproduce", "all", "--setting", "paper", "--out", str(tmp_path)]) == 2
     assert main(["reproduce", "palimpsa", "--setting", "huge", "--out", str(tmp_path)]) == 2
     assert not (tmp_path / "palimpsa").exists()
 
