@@ -79,10 +79,13 @@ class CausalSelfAttention(nn.Module):
 
     def _heads(self, x: torch.Tensor, start: int):
         """[B, T, D] -> q, k, v as [B, T, H, Dh], RoPE applied at positions start..start+T-1."""
-        rope = (self.rope_cos, self.rope_sin) if self.use_rope else None
         projected = self.qkv(x)
         if self.conv is not None:
             projected = self.conv(projected)
+        return self._split(projected, start)
+
+    def _split(self, projected: torch.Tensor, start: int):
+        rope = (self.rope_cos, self.rope_sin) if self.use_rope else None
         return split_qkv(projected, self.n_head, self.head_dim, rope, start)
 
     def _window_mask(self, T: int, device) -> torch.Tensor:
@@ -146,9 +149,7 @@ class CausalSelfAttention(nn.Module):
         projected, new = self.qkv(x_t), {}
         if self.conv is not None:
             projected, new["conv"] = self.conv.step(projected, state["conv"])
-        rope = (self.rope_cos, self.rope_sin) if self.use_rope else None
-        q, k, v = (t.transpose(1, 2) for t in split_qkv(projected[:, None], self.n_head, self.head_dim, rope,
-                                                        state["pos"]))
+        q, k, v = (t.transpose(1, 2) for t in self._split(projected[:, None], state["pos"]))
         keys = torch.cat([state["k"], k.to(state["k"].dtype)], dim=2)
         values = torch.cat([state["v"], v.to(state["v"].dtype)], dim=2)
         if self.window is not None:

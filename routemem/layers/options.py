@@ -36,6 +36,15 @@ def check_choice(owner: str, name: str, value, choices: tuple[str, ...]) -> str:
     return value
 
 
+def check_range(owner: str, name: str, value) -> tuple[float, float]:
+    """A range (low, high) with 0 <= low <= high and 0 < high < inf (e.g. the one A is drawn from)."""
+    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not ok or not 0 <= value[0] <= value[1] or not 0 < value[1] < math.inf:
+        raise ConfigError(f"{owner}: {name} must be (low, high) with 0 <= low <= high, 0 < high < inf, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
 def check_mode(owner: str, mode, modes: tuple[str, ...]) -> str:
     return check_choice(owner, "mode", mode, modes)
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from routemem.errors import ConfigError
-from routemem.layers.options import check_choice, check_int, check_mode, check_positive
+from routemem.layers.options import check_choice, check_int, check_mode, check_positive, check_range
 from routemem.layers.recurrent_parts import (
     GatedRMSNorm, RecurrentMixer, ShortConv, full_precision, head_dim, l2norm, op_dtype,
 )
@@ -39,15 +39,6 @@ from routemem.layers.registry import LayerSpec, register_mixer
 from routemem.ops import gated_linear_attention, metaplastic_attention
 from routemem.ops.gla import MODES as GLA_MODES
 from routemem.ops.metaplastic import MODES as METAPLASTIC_MODES
-
-
-def check_range(owner: str, name: str, value) -> tuple[float, float]:
-    """(low, high) with 0 <= low <= high and high > 0: the range A is drawn from."""
-    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-    if not ok or not 0 <= value[0] <= value[1] or not 0 < value[1] < math.inf:
-        raise ConfigError(f"{owner}: {name} must be (low, high) with 0 <= low <= high, 0 < high < inf, got {value!r}")
-    return float(value[0]), float(value[1])
 
 
 @register_mixer("palimpsa")
