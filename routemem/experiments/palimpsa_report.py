@@ -60,7 +60,8 @@ def report(results: dict, setting, chosen: dict[str, list[dict]], sweep: dict[st
         f"queries: {filler}. {setting.steps} steps of {setting.batch_size} sequences ({setting.warmup_steps} "
         f"warmup) on the round-robin tasks (seq_len, kv pairs, re-bound) {list(setting.train_tasks)}; "
         f"{_lr_text(setting)}; seeds {list(setting.seeds)}; {setting.n_test} test sequences per setting. "
-        f"Total {results['seconds'] / 60:.1f} min on {where_trained(results)}.",
+        f"This invocation: {results['seconds'] / 60:.1f} min ({results['runs_reused']} runs reused from the "
+        f"cache), on {where_trained(results)}.",
         "",
         "## Claims",
         "",
