@@ -170,3 +170,7 @@ def test_where_trained_names_the_machines_that_trained_the_runs_when_not_this_on
     gpu = {"device": "cuda", "cpu": "Xeon", "gpu": "NVIDIA H100 80GB HBM3", "runs": 18}
     assembled = {"env": here, "execution": {"jobs": 1, "trained_on": [gpu]}}
     assert where_trained(assembled).endswith("runs trained on NVIDIA H100 80GB HBM3 (cuda): 18 runs")
+    before, after = ({"device": "cpu", "cpu": "AMD EPYC", "git_commit": c * 40, "runs": n} for c, n in (("a", 1), ("b", 19)))
+    resumed = {"env": here, "execution": {"jobs": 2, "trained_on": [before, after]}}
+    assert where_trained(resumed).endswith(
+        "runs trained on AMD EPYC (cpu, commit aaaaaaa): 1 run; AMD EPYC (cpu, commit bbbbbbb): 19 runs")

@@ -165,6 +165,11 @@ def where_trained(results: dict) -> str:
     elsewhere = any((m.get("device"), m.get("gpu") or m.get("cpu")) != (env["device"], env.get("gpu") or env["cpu"])
                     for m in machines)
     if len(machines) > 1 or elsewhere:
-        text += "; runs trained on " + "; ".join(
-            f"{m.get('gpu') or m.get('cpu')} ({m.get('device')}): {m['runs']} runs" for m in machines)
+        text += "; runs trained on " + "; ".join(_machine_runs(m) for m in machines)
     return text
+
+
+def _machine_runs(machine: dict) -> str:
+    # the commit tells apart two entries of one machine (runs cached before and after a change)
+    commit = f", commit {machine['git_commit'][:7]}" if machine.get("git_commit") else ""
+    return f"{machine.get('gpu') or machine.get('cpu')} ({machine.get('device')}{commit}): {machine['runs']} run{'s' if machine['runs'] != 1 else ''}"
