@@ -172,4 +172,5 @@ def where_trained(results: dict) -> str:
 def _machine_runs(machine: dict) -> str:
     # the commit tells apart two entries of one machine (runs cached before and after a change)
     commit = f", commit {machine['git_commit'][:7]}" if machine.get("git_commit") else ""
-    return f"{machine.get('gpu') or machine.get('cpu')} ({machine.get('device')}{commit}): {machine['runs']} run{'s' if machine['runs'] != 1 else ''}"
+    runs = f"{machine['runs']} run" + ("s" if machine["runs"] != 1 else "")
+    return f"{machine.get('gpu') or machine.get('cpu')} ({machine.get('device')}{commit}): {runs}"

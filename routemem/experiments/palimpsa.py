@@ -116,8 +116,8 @@ QUICK = Setting(
 # and 1e-2 for mamba2 and meta_mamba2 (mamba2 stayed on it at 1e-3 and 3e-3, left it at 1e-2);
 # the state sweep adds d_model 32 and 96 (seed 0). A 2-point grid ({3e-3, 1e-2}) was the plan, but
 # the first full runs took 6-10 min each here (one thread, 2 workers), which put it near 4 h:
-# over the 3 h budget. Measured per run (280-530 s at d 64, up to 780 s at d 96, one thread): about
-# 2.2 h of wall time here with --jobs 2.
+# over the 3 h budget. The full run's runs took 280-530 s at d 64 and up to 780 s at d 96 (one
+# thread), which adds up to about 2.2 h of wall time here with --jobs 2 (README).
 FULL = Setting(
     mixers=MIXERS, d_model=64, n_head=4, vocab_size=256,
     train_tasks=((64, 4, 0), (64, 8, 0), (64, 16, 0), (128, 16, 0), (128, 32, 0), (64, 8, 4)),
