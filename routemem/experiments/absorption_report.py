@@ -13,7 +13,7 @@ from routemem.experiments.absorption_claims import (
     SHARE_MAX,
     finished,
 )
-from routemem.experiments.common import markdown_table, summarize, where_trained
+from routemem.experiments.common import invocation_text, markdown_table, summarize
 
 ARMS = ("dense", "soft-learned", "soft-random", "hard", "mask-random")
 COLORS = {"dense": "tab:gray", "soft-learned": "tab:blue", "soft-random": "tab:orange", "hard": "tab:red",
@@ -83,8 +83,7 @@ def report(results: dict, setting) -> str:
         f"{setting.n_head} heads, context T = {setting.seq_len}, k = {setting.k} keys per query, gate rank "
         f"{setting.rank}, tau {setting.tau:g}, {setting.tokens:,} training tokens per run (batch "
         f"{setting.batch_size}, lr {setting.lr:g}, warmup + cosine), seeds {list(setting.seeds)}. "
-        f"The runs took {seconds / 60:.0f} min of compute; this invocation {results['seconds'] / 60:.1f} min "
-        f"({results['runs_reused']} units reused from the cache), on {where_trained(results)}"
+        f"The runs took {seconds / 60:.0f} min of compute; this invocation {invocation_text(results)}"
         + (", bf16 autocast." if results["execution"].get("bf16") else ", float32."),
         "",
         *(["Quick mode is a smoke test of the whole pipeline: its budgets are far too small to decide the "

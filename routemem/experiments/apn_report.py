@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from routemem.experiments.common import markdown_table, summarize, where_trained
+from routemem.experiments.common import invocation_text, markdown_table, summarize
 
 # The paper's table (papers/apn.md): tiny Shakespeare, its own (larger) models; the shifted domain is
 # not named. A-test perplexity after pretraining, then A and B perplexity after adapting.
@@ -98,8 +98,7 @@ def report(results: dict, setting, chosen: dict[str, list[dict]]) -> str:
         f"lr {setting.pretrain_lr:g}. Adaptation: {setting.adapt_steps} steps on {b}, learning rates "
         f"{list(setting.adapt_lrs)} (per arm and seed, the best B-validation perplexity is kept), no weight "
         f"decay; seeds {list(setting.seeds)}. Test perplexities on up to {setting.test_tokens} tokens. "
-        f"This invocation: {results['seconds'] / 60:.1f} min ({results['runs_reused']} units reused from the "
-        f"cache), on {where_trained(results)}"
+        f"This invocation: {invocation_text(results)}"
         + (", bf16 autocast." if results.get("execution", {}).get("bf16") else ", float32."),
         "",
         "The paper's numbers come from its own, larger models on tiny Shakespeare (the domain it adapts to "

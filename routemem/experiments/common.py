@@ -169,6 +169,13 @@ def where_trained(results: dict) -> str:
     return text
 
 
+def invocation_text(results: dict, units: str = "units") -> str:
+    """The reports' "X min (N units reused from the cache), on <machines>": this invocation's wall
+    time, which is not the study's once runs come from the cache (an interrupted run, shards)."""
+    return (f"{results['seconds'] / 60:.1f} min ({results['runs_reused']} {units} reused from the cache), "
+            f"on {where_trained(results)}")
+
+
 def _machine_runs(machine: dict) -> str:
     # the commit tells apart two entries of one machine (runs cached before and after a change)
     commit = f", commit {machine['git_commit'][:7]}" if machine.get("git_commit") else ""

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from routemem.experiments import fast_slow_theorem
-from routemem.experiments.common import markdown_table, summarize, where_trained
+from routemem.experiments.common import invocation_text, markdown_table, summarize
 from routemem.experiments.fast_slow_claims import COST_RATIO, OPEN_SHARE, finished
 
 ARMS = ("dense", "coupled", "frozen")
@@ -57,8 +57,7 @@ def report(results: dict, setting) -> str:
         f"{setting.n_head} heads, context {setting.seq_len}, block P = {setting.block} (eps = 1/{setting.block}), "
         f"batch {setting.batch_size}, lr {setting.lr:g} (warmup + cosine), seeds {list(setting.seeds)}. "
         f"The runs took {sum(r.get('seconds', 0.0) for r in runs) / 60:.0f} min of training; this invocation "
-        f"{results['seconds'] / 60:.1f} min ({results['runs_reused']} runs reused from the cache), on "
-        f"{where_trained(results)}" + (", bf16 autocast." if results["execution"].get("bf16") else ", float32."),
+        f"{invocation_text(results, 'runs')}" + (", bf16 autocast." if results["execution"].get("bf16") else ", float32."),
         "",
         *(["Quick mode is a smoke test of the whole pipeline: its budgets are far too small to decide the "
             "claims; the full run decides them.", ""] if results["mode"] == "quick" else []),

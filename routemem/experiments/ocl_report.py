@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from routemem.experiments.common import markdown_table, summarize, where_trained
+from routemem.experiments.common import invocation_text, markdown_table, summarize
 
 METRICS = (("final_average_accuracy", "final acc"), ("average_incremental_accuracy", "avg incremental acc"),
            ("forgetting", "forgetting"), ("backward_transfer", "BWT"), ("a_auc", "A_auc"))
@@ -46,8 +46,7 @@ def report(results: dict, setting) -> str:
         f"Each method then learns each stream online from that backbone: {setting.n_tasks} tasks of disjoint "
         f"classes, batches of {setting.batch_size}, one pass, no task ids at test time; seeds "
         f"{list(setting.seeds)} (class order and the method's fresh parameters). This invocation took "
-        f"{results['seconds'] / 60:.1f} min ({results['runs_reused']} units reused from the cache), on "
-        f"{where_trained(results)}.",
+        f"{invocation_text(results)}.",
         "",
         *(["Quick mode is a smoke test of the whole pipeline (a small backbone, few classes); the full run "
            "gives the reference table.", ""] if results["mode"] == "quick" else []),

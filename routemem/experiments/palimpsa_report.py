@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from routemem.experiments.common import markdown_table, summarize, where_trained
+from routemem.experiments.common import invocation_text, markdown_table, summarize
 from routemem.experiments.palimpsa_claims import decisive_accuracy
 
 
@@ -60,8 +60,7 @@ def report(results: dict, setting, chosen: dict[str, list[dict]], sweep: dict[st
         f"queries: {filler}. {setting.steps} steps of {setting.batch_size} sequences ({setting.warmup_steps} "
         f"warmup) on the round-robin tasks (seq_len, kv pairs, re-bound) {list(setting.train_tasks)}; "
         f"{_lr_text(setting)}; seeds {list(setting.seeds)}; {setting.n_test} test sequences per setting. "
-        f"This invocation: {results['seconds'] / 60:.1f} min ({results['runs_reused']} runs reused from the "
-        f"cache), on {where_trained(results)}.",
+        f"This invocation: {invocation_text(results, 'runs')}.",
         "",
         "## Claims",
         "",

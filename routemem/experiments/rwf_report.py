@@ -7,7 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from routemem.experiments import ocl_report
-from routemem.experiments.common import markdown_table, summarize, where_trained
+from routemem.experiments.common import invocation_text, markdown_table, summarize
 from routemem.experiments.rwf_claims import ABLATION_MEANING
 
 STREAM_TEXT = {
@@ -98,8 +98,7 @@ def report(results: dict, setting) -> str:
         f"pretraining classes (ocl-baselines' protocol): validation accuracy {backbone['val_accuracy']:.3f} "
         f"(chance {backbone['chance']:.4f}). RwF and the six baselines then learn each stream online from that "
         f"backbone: {setting.n_tasks} tasks, batches of {setting.batch_size}, one pass, no task ids at test time; "
-        f"seeds {list(setting.seeds)}. This invocation took {results['seconds'] / 60:.1f} min "
-        f"({results['runs_reused']} units reused from the cache), on {where_trained(results)}."),
+        f"seeds {list(setting.seeds)}. This invocation took {invocation_text(results)}."),
         "",
         *([("Quick mode is a smoke test of the whole pipeline (a small backbone, few classes, two seeds); its "
            "verdicts say nothing about the paper."), ""] if results["mode"] == "quick" else []),
