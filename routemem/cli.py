@@ -154,7 +154,7 @@ def cmd_bench(args) -> int:
 
 def cmd_reproduce(args) -> int:
     from routemem.experiments import STUDIES
-    from routemem.experiments.runner import Shard, parse_jobs
+    from routemem.experiments.shared.runner import Shard, parse_jobs
 
     if args.study == "all":
         return cmd_reproduce_all(args)
@@ -181,18 +181,18 @@ def cmd_reproduce(args) -> int:
               f"{out['runs_dir']}; no report written (run the same command without --shard once every "
               "shard has finished to assemble it)")
         return 0
-    from routemem.experiments.common import verdict_lines
+    from routemem.experiments.shared.common import verdict_lines
 
     print("\n".join(verdict_lines(out, Path(args.out) / args.study / "report.md")))
     return 0
 
 
 def cmd_reproduce_all(args) -> int:
-    """Every study into OUT (resumable, see routemem/experiments/suite.py), then OUT/REPORT.md and
+    """Every study into OUT (resumable, see routemem/experiments/suite/run.py), then OUT/REPORT.md and
     OUT/report.html; exit 1 when a study failed (the others still ran and are reported)."""
-    from routemem.experiments.suite import failed, run_suite
-    from routemem.experiments.suite_html import write_page
-    from routemem.experiments.suite_report import summary_lines, write_report
+    from routemem.experiments.suite.run import failed, run_suite
+    from routemem.experiments.suite.html import write_page
+    from routemem.experiments.suite.report import summary_lines, write_report
 
     if args.pair is not None:
         raise UserError("--pair applies to the apn study only; 'all' runs apn with its default pair")

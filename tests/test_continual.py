@@ -18,8 +18,8 @@ from routemem.train.continual import (
     result_to_json,
     run_stream,
 )
-from routemem.train.continual_methods import LinearProbe
-from routemem.train.continual_replay import ReservoirBuffer
+from routemem.train.continual.methods import LinearProbe
+from routemem.train.continual.replay import ReservoirBuffer
 
 N_CLASSES, N_TASKS = 6, 3
 FROZEN = ("linear-probe", "l2p", "dualprompt", "coda-prompt", "rwf")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from routemem.errors import UserError
-from routemem.train.continual_metrics import (
+from routemem.train.continual.metrics import (
     anytime_auc,
     average_incremental_accuracy,
     backward_transfer,

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from routemem.cli import main
-from routemem.experiments import absorption, absorption_claims, absorption_distill
-from routemem.experiments.common import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
-from routemem.experiments.fast_slow_tasks import text_task
+from routemem.experiments.absorption import protocol as absorption
+from routemem.experiments.absorption import claims as absorption_claims
+from routemem.experiments.absorption import distill as absorption_distill
+from routemem.experiments.shared.common import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
+from routemem.experiments.shared.text_lm import text_task
 from routemem.ops.gated_sparse import attention_probs, gate_scores
 
 TINY = replace(absorption.QUICK, d_model=32, n_head=2, seq_len=64, k=8, rank=4, batch_size=4, tokens=2_048,
@@ -219,6 +221,6 @@ def test_cli_reproduce_absorption_quick_and_resume(tmp_path, monkeypatch, capsys
     out = capsys.readouterr().out
     assert "report:" in out and "zero gradient" in out
     monkeypatch.setattr(absorption, "train_lm", lambda *args: pytest.fail("a cached unit was trained again"))
-    monkeypatch.setattr(absorption.apn, "train_kind", lambda *args: pytest.fail("a cached unit was trained again"))
+    monkeypatch.setattr(absorption.adaptation, "train_kind", lambda *args: pytest.fail("a cached unit was trained again"))
     again = absorption.run(out=tmp_path, quick=True)
     assert again["runs_reused"] == 6  # dense+hard+distill, three arms, two routers

@@ -11,8 +11,11 @@ import torch
 from devices import HAS_CUDA, NO_CUDA
 
 from routemem.cli import main
-from routemem.experiments import apn, apn_claims, apn_report
-from routemem.experiments.common import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
+from routemem.experiments.apn import protocol as apn
+from routemem.experiments.apn import claims as apn_claims
+from routemem.experiments.apn import report as apn_report
+from routemem.experiments.shared import adaptation
+from routemem.experiments.shared.common import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 from routemem.layers.lora import LoRALinear, add_lora
 from routemem.models import TransformerLM
 
@@ -23,12 +26,12 @@ TINY = replace(apn.QUICK, d_model=32, n_head=2, seq_len=32, batch_size=8, pretra
 
 @pytest.fixture(scope="module")
 def domains():
-    return apn.load_domains("pydocs:pycode", None)
+    return adaptation.load_domains("pydocs:pycode", None)
 
 
 def _pretrained(kind: str, setting=TINY) -> TransformerLM:
     torch.manual_seed(0)
-    return TransformerLM(apn.model_config(setting, kind))
+    return TransformerLM(adaptation.model_config(setting, kind))
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -40,7 +43,7 @@ def test_apn_patches_arm_changes_only_patch_parameters(domains, prototype_update
     setting = replace(TINY, apn={**TINY.apn, "prototype_update": prototype_update})
     base = _pretrained("apn", setting)
     before = _snapshot(base)
-    model = apn.train_arm(base, "apn-patches", 3e-3, 0, domains, setting)
+    model = adaptation.train_arm(base, "apn-patches", 3e-3, 0, domains, setting)
     after = _snapshot(model)
     patch_names = {"ffn.up", "ffn.gate_scale", "ffn.gate_bias"}
     frozen = [n for n in before if not any(n.endswith(p) for p in patch_names)]
@@ -60,21 +63,21 @@ def test_arms_train_the_parameters_they_name():
         return {n for n, p in model.named_parameters() if p.requires_grad}
 
     all_dense = {n for n, _ in dense.named_parameters()}
-    assert trainable(apn.prepare_arm(dense, "dense-global", TINY)) == all_dense
-    assert trainable(apn.prepare_arm(model_apn, "apn-global", TINY)) == {n for n, _ in model_apn.named_parameters()}
-    assert trainable(apn.prepare_arm(dense, "dense-ffn-only", TINY)) == {n for n in all_dense if ".ffn." in n}
-    lora = trainable(apn.prepare_arm(dense, "dense-lora", TINY))
+    assert trainable(adaptation.prepare_arm(dense, "dense-global", TINY)) == all_dense
+    assert trainable(adaptation.prepare_arm(model_apn, "apn-global", TINY)) == {n for n, _ in model_apn.named_parameters()}
+    assert trainable(adaptation.prepare_arm(dense, "dense-ffn-only", TINY)) == {n for n in all_dense if ".ffn." in n}
+    lora = trainable(adaptation.prepare_arm(dense, "dense-lora", TINY))
     assert lora and all("lora_" in n and ".ffn." in n for n in lora)
-    patches = trainable(apn.prepare_arm(model_apn, "apn-patches", TINY))
+    patches = trainable(adaptation.prepare_arm(model_apn, "apn-patches", TINY))
     assert patches == {f"blocks.{i}.ffn.{p}" for i in range(TINY.n_layer) for p in ("up", "gate_scale", "gate_bias")}
     assert all(p.requires_grad for p in dense.parameters()), "prepare_arm must not touch the pretrained model"
     with pytest.raises(ValueError, match="unknown arm"):
-        apn.prepare_arm(dense, "dense-everything", TINY)
+        adaptation.prepare_arm(dense, "dense-everything", TINY)
 
 
 def test_dense_ffn_matches_apn_parameter_count():
     dense, model_apn = _pretrained("dense"), _pretrained("apn")
-    d_ffn, a_ffn = apn.ffn_size(dense), apn.ffn_size(model_apn)
+    d_ffn, a_ffn = adaptation.ffn_size(dense), adaptation.ffn_size(model_apn)
     assert abs(d_ffn["ffn_params"] - a_ffn["ffn_params"]) <= 2 * TINY.d_model * TINY.n_layer  # one hidden unit
     assert a_ffn["ffn_active_per_token"] < a_ffn["ffn_params"]
     assert d_ffn["ffn_active_per_token"] == d_ffn["ffn_params"]
@@ -98,23 +101,23 @@ def test_lora_starts_as_identity_and_merges_exactly():
 
 def test_changed_counts_lora_through_the_merged_weight():
     dense = _pretrained("dense")
-    model = apn.prepare_arm(dense, "dense-lora", TINY)
-    before = apn.effective_parameters(dense)
-    assert set(apn.effective_parameters(model)) == set(before)
-    assert apn.changed(before, model)["changed_fraction"] == 0.0
+    model = adaptation.prepare_arm(dense, "dense-lora", TINY)
+    before = adaptation.effective_parameters(dense)
+    assert set(adaptation.effective_parameters(model)) == set(before)
+    assert adaptation.changed(before, model)["changed_fraction"] == 0.0
     with torch.no_grad():
         model.blocks[0].ffn.up.lora_b.fill_(0.1)
     weight = before["blocks.0.ffn.up.weight"]
-    assert apn.changed(before, model)["changed_fraction"] == pytest.approx(weight.numel() / sum(
+    assert adaptation.changed(before, model)["changed_fraction"] == pytest.approx(weight.numel() / sum(
         v.numel() for v in before.values()))
 
 
 def test_patches_changed_fraction_counts_patches():
     base = _pretrained("apn")
-    model = apn.prepare_arm(base, "apn-patches", TINY)
+    model = adaptation.prepare_arm(base, "apn-patches", TINY)
     with torch.no_grad():
         model.blocks[0].ffn.up[3] += 1.0
-    stats = apn.changed(apn.effective_parameters(base), model)
+    stats = adaptation.changed(adaptation.effective_parameters(base), model)
     assert stats["patches_changed_fraction"] == pytest.approx(0.5 / TINY.apn["n_patches"])
 
 
@@ -225,8 +228,8 @@ def test_dominated_finds_rates_better_on_both_domains():
 
 def test_default_pair_without_data_is_builtin(monkeypatch, tmp_path):
     monkeypatch.delenv("ROUTEMEM_DATA", raising=False)
-    assert apn.default_pair(None) == "pydocs:pycode"
-    assert apn.default_pair(str(tmp_path)) == "pydocs:pycode"  # a folder without the files
+    assert adaptation.default_pair(None) == "pydocs:pycode"
+    assert adaptation.default_pair(str(tmp_path)) == "pydocs:pycode"  # a folder without the files
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from routemem.cli import main
-from routemem.experiments import fast_slow, fast_slow_claims
-from routemem.experiments.common import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
-from routemem.experiments.fast_slow_tasks import text_task
+from routemem.experiments.fast_slow import protocol as fast_slow
+from routemem.experiments.fast_slow import claims as fast_slow_claims
+from routemem.experiments.shared.common import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
+from routemem.experiments.shared.text_lm import text_task
 
 TINY = replace(fast_slow.QUICK, d_model=32, n_head=2, seq_len=64, block=8, batch_size=4, budgets=(2_048, 4_096),
                control_window=8, val_tokens=1_024, curve_points=2, curve_tokens=512, gate_every=4,

@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 
 from routemem.cli import main
-from routemem.experiments import ocl_baselines
-from routemem.experiments.common import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
+from routemem.experiments.ocl_baselines import protocol as ocl_baselines
+from routemem.experiments.shared.common import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 
 TINY = replace(ocl_baselines.QUICK, d_model=32, n_layer=2, n_head=2, patch_size=8, image_size=16, pretrain_steps=4,
                pretrain_batch=16, pretrain_samples=4, pretrain_classes=12, glyph_classes=6, glyph_samples=10,

@@ -9,11 +9,12 @@ import pytest
 
 from routemem.cli import main
 from routemem.errors import UserError
-from routemem.experiments import palimpsa, palimpsa_claims
-from routemem.experiments.common import (
+from routemem.experiments.palimpsa import protocol as palimpsa
+from routemem.experiments.palimpsa import claims as palimpsa_claims
+from routemem.experiments.shared.common import (
     INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, combine_verdicts, directional_verdict, summarize,
 )
-from routemem.experiments.palimpsa_checks import special_case_claim
+from routemem.experiments.palimpsa.checks import special_case_claim
 
 TINY = replace(
     palimpsa.QUICK, d_model=16, n_head=2, vocab_size=64, train_tasks=((16, 2, 0), (16, 3, 2)),

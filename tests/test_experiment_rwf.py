@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from routemem.cli import main
-from routemem.experiments import ocl_baselines, rwf, rwf_claims
-from routemem.experiments.common import (
+from routemem.experiments.ocl_baselines import protocol as ocl_baselines
+from routemem.experiments.rwf import protocol as rwf
+from routemem.experiments.rwf import claims as rwf_claims
+from routemem.experiments.shared.common import (
     INCONCLUSIVE,
     NOT_REPRODUCED,
     REPRODUCED,

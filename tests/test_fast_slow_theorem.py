@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from routemem.experiments import fast_slow_theorem as fst
-from routemem.experiments.common import NOT_REPRODUCED, REPRODUCED
+from routemem.experiments.fast_slow import theorem as fst
+from routemem.experiments.shared.common import NOT_REPRODUCED, REPRODUCED
 
 YS = np.linspace(-4.0, 4.0, 41)
 

@@ -13,9 +13,9 @@ from devices import HAS_CUDA, NO_CUDA
 from worker_probe import where_am_i
 
 from routemem.cli import main
-from routemem.experiments import palimpsa
-from routemem.experiments.common import RunCache
-from routemem.experiments.runner import (
+from routemem.experiments.palimpsa import protocol as palimpsa
+from routemem.experiments.shared.common import RunCache
+from routemem.experiments.shared.runner import (
     Execution,
     Shard,
     Unit,
@@ -162,7 +162,7 @@ def test_a_study_trains_on_cuda(tmp_path):
 
 
 def test_where_trained_names_the_machines_that_trained_the_runs_when_not_this_one():
-    from routemem.experiments.common import where_trained
+    from routemem.experiments.shared.common import where_trained
 
     here = {"device": "cpu", "cpu": "AMD EPYC", "gpu": None, "threads": 2}
     local = {"env": here, "execution": {"jobs": 1, "trained_on": [{"device": "cpu", "cpu": "AMD EPYC", "runs": 3}]}}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from suite_inputs import ALPHA_CLAIMS, synthetic_suite
 
-from routemem.experiments.suite_html import write_page
+from routemem.experiments.suite.html import write_page
 
 PNG = b"\x89PNG\r\n\x1a\n"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

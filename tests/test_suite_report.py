@@ -10,8 +10,8 @@ import re
 import pytest
 from suite_inputs import ALPHA_CLAIMS, synthetic_suite
 
-from routemem.experiments.suite_data import claim_text, duration, gather, hashes, render
-from routemem.experiments.suite_report import build_report, summary_lines, write_report
+from routemem.experiments.suite.data import claim_text, duration, gather, hashes, render
+from routemem.experiments.suite.report import build_report, summary_lines, write_report
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 from suite_fakes import FakeStudies
 
 from routemem.cli import main
-from routemem.experiments import suite
+from routemem.experiments.suite import run as suite
 
 
 def reproduce_all(out: Path, *flags: str) -> int:
@@ -202,7 +202,7 @@ def test_a_real_study_end_to_end(monkeypatch, tmp_path):
     """palimpsa on a few-step setting (seconds): its real results.json, claims and plots reach both
     reports, and the second run reuses it without touching its files."""
     from routemem import experiments
-    from routemem.experiments import palimpsa
+    from routemem.experiments.palimpsa import protocol as palimpsa
 
     tiny = replace(palimpsa.QUICK, mixers=("attention", "gla"), d_model=16, n_head=2, vocab_size=64,
                    train_tasks=((16, 2, 0), (16, 3, 2)), steps=3, batch_size=4, lrs=(1e-3,), seeds=(0, 1),

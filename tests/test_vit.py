@@ -375,21 +375,63 @@ def reference_vit(t: dict, x: torch.Tensor, n_head: int, depth: int) -> torch.Te
 def test_hand_written_layout_file_loads_and_matches(tmp_path):
     tensors = layout_tensors()
     save_file(tensors, str(tmp_path / "w.safetensors"))  # no routemem metadata: config from shapes
-    with pytest.raises(ConfigError, match="n_head"):  # d_model 32 is not a multiple of 64
+    with pytest.raises(CheckpointError, match="n_head"):  # d_model 32 is no standard ViT width
         load_vit(tmp_path / "w.safetensors")
     model = load_vit(tmp_path / "w.safetensors", n_head=4).double().eval()
     assert (model.config.image_size, model.config.patch_size, model.config.in_chans, model.config.d_model,
             model.config.n_layer, model.config.mlp_hidden, model.config.n_classes) == (16, 4, 3, 32, 2, 48, 6)
     x = images(2)
     torch.testing.assert_close(model(x), reference_vit(tensors, x, 4, 2), rtol=1e-6, atol=1e-6)
-    # a width that is a multiple of 64 infers the standard head dimension 64
-    save_file(layout_tensors(D=128, depth=1), str(tmp_path / "w128.safetensors"))
-    assert read_vit_config(tmp_path / "w128.safetensors").n_head == 2
 
 
 def write_layout(tmp_path, tensors, name="w.safetensors"):
     save_file(tensors, str(tmp_path / name))
     return tmp_path / name
+
+
+def shapes_only_file(tmp_path, D: int):
+    """The keys the config is inferred from, at width D (read_vit_config reads shapes only)."""
+    shapes = {"patch_embed.proj.weight": (D, 3, 1, 1), "pos_embed": (1, 5, D), "blocks.0.mlp.fc1.weight": (8, D),
+              "head.weight": (2, D)}
+    return write_layout(tmp_path, {k: torch.zeros(shape) for k, shape in shapes.items()}, f"w{D}.safetensors")
+
+
+# timm's vit_* sizes: Ti, S, B, L, then H/14, g/14, G/14, whose heads are not 64 wide
+TIMM_WIDTH_HEADS = [(192, 3), (384, 6), (768, 12), (1024, 16), (1280, 16), (1408, 16), (1664, 16)]
+
+
+@pytest.mark.parametrize("d_model, n_head", TIMM_WIDTH_HEADS)
+def test_standard_widths_infer_timms_head_count(tmp_path, d_model, n_head):
+    assert read_vit_config(shapes_only_file(tmp_path, d_model)).n_head == n_head
+
+
+def test_a_vit_h_wide_file_in_timms_layout_loads_with_16_heads(tmp_path):
+    # ViT-H/14's width (16 heads of 80), everything else tiny: 1 block, 4x4 images of 2x2 patches
+    tensors = layout_tensors(D=1280, depth=1, C=1, p=2, grid=2, F_=8, K=3)
+    model = load_vit(write_layout(tmp_path, tensors)).double().eval()
+    assert model.config.n_head == 16
+    x = images(2, chans=1, size=4)
+    expected = reference_vit(tensors, x, 16, 1)
+    torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(reference_vit(tensors, x, 20, 1), expected)  # what the old D / 64 guess computed
+
+
+@pytest.mark.parametrize("d_model", [128, 200, 1536])
+def test_other_widths_need_n_head(tmp_path, d_model):
+    with pytest.raises(CheckpointError, match=rf"d_model={d_model} is not a standard ViT width.*pass n_head=") as err:
+        read_vit_config(shapes_only_file(tmp_path, d_model))
+    assert "\n" not in str(err.value) and isinstance(err.value, UserError)
+
+
+def test_an_unknown_width_loads_with_n_head_given(tmp_path):
+    tensors = layout_tensors(D=200, depth=1, F_=8, K=3)
+    path = write_layout(tmp_path, tensors)
+    with pytest.raises(CheckpointError, match="pass n_head="):
+        load_vit(path)
+    model = load_vit(path, n_head=8).double().eval()
+    assert model.config.n_head == 8
+    x = images(2)
+    torch.testing.assert_close(model(x), reference_vit(tensors, x, 8, 1), rtol=1e-6, atol=1e-6)
 
 
 def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path):

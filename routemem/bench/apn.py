@@ -35,6 +35,7 @@ from routemem.bench.common import (
     memory_measure,
     row,
     target,
+    timed_call,
 )
 from routemem.layers.apn import AttractorPatchFFN
 from routemem.layers.ffn import DenseFFN
@@ -190,22 +191,15 @@ def _variants(modules: dict, z: torch.Tensor) -> dict:
 def _once(forward, x: torch.Tensor, params: list, backward: bool, grad: torch.Tensor):
     leaf = x.detach().requires_grad_(backward)
 
-    def once():
-        if not backward:
-            with torch.no_grad():
-                forward(leaf)
-            return
-        out, aux = forward(leaf)
+    def backprop(out_aux):
+        out, aux = out_aux
         tensors, grads = [out], [grad]
         if aux is not None:
             tensors.append(aux)
             grads.append(torch.ones_like(aux))
         torch.autograd.backward(tensors, grads)
-        leaf.grad = None
-        for p in params:
-            p.grad = None  # as zero_grad(set_to_none=True) between training steps
 
-    return once
+    return timed_call(lambda: forward(leaf), backward, [leaf, *params], backprop)
 
 
 def _memory(forward, x: torch.Tensor, params: list, backward: bool, grad: torch.Tensor) -> int | None:

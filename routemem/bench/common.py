@@ -44,6 +44,24 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,
     return {"median_s": statistics.median(times), "runs_s": times}
 
 
+def timed_call(forward: Callable[[], object], backward: bool, clear: Iterable[torch.Tensor],
+               backprop: Callable[[object], object] = torch.Tensor.backward) -> Callable[[], None]:
+    """The call a row times: ``forward()`` under no_grad (fwd), or ``forward()`` then
+    ``backprop(its output)`` and the grads of ``clear`` (leaves, parameters) reset to None (fwd+bwd)."""
+    clear = list(clear)
+
+    def call() -> None:
+        if not backward:
+            with torch.no_grad():
+                forward()
+            return
+        backprop(forward())
+        for t in clear:
+            t.grad = None  # as zero_grad(set_to_none=True) between training steps
+
+    return call
+
+
 def interleaved_runs(timers: dict, rounds: int, warmup: int = 1,
                      device: torch.device | str = "cpu") -> dict[object, list[float]]:
     """``timers``: key -> (fn, repeats). Time every fn in turn, ``rounds`` times over, so drift in

@@ -30,6 +30,7 @@ from routemem.bench.common import (
     memory_measure,
     row,
     target,
+    timed_call,
 )
 from routemem.layers import LayerSpec, build_mixer
 
@@ -76,19 +77,7 @@ def make_input(T: int, device: torch.device, seed: int = SEED) -> torch.Tensor:
 
 def _once(module: torch.nn.Module, x: torch.Tensor, backward: bool, grad: torch.Tensor):
     leaf = x.detach().requires_grad_(backward)
-    params = list(module.parameters())
-
-    def once():
-        if not backward:
-            with torch.no_grad():
-                module(leaf)
-            return
-        module(leaf).backward(grad)
-        leaf.grad = None
-        for p in params:
-            p.grad = None  # as zero_grad(set_to_none=True) between training steps
-
-    return once
+    return timed_call(lambda: module(leaf), backward, [leaf, *module.parameters()], lambda out: out.backward(grad))
 
 
 def _memory(module: torch.nn.Module, x: torch.Tensor, backward: bool, grad: torch.Tensor) -> int | None:

@@ -24,6 +24,7 @@ from routemem.bench.common import (
     memory_measure,
     row,
     target,
+    timed_call,
 )
 from routemem.ops import gated_delta_rule, gated_linear_attention, metaplastic_attention
 from routemem.ops.metaplastic import fused
@@ -87,18 +88,12 @@ def _call(fn, inputs: dict[str, torch.Tensor], backward: bool):
     leaves = {name: t.detach().requires_grad_(backward) for name, t in inputs.items()}
     grad = None
 
-    def once():
+    def backprop(out):
         nonlocal grad
-        if not backward:
-            with torch.no_grad():
-                return fn(**leaves)
-        out = fn(**leaves)
-        grad = torch.ones_like(out) if grad is None else grad
+        grad = torch.ones_like(out) if grad is None else grad  # made once, by the untimed warm-up call
         out.backward(grad)
-        for t in leaves.values():
-            t.grad = None
 
-    return once
+    return timed_call(lambda: fn(**leaves), backward, leaves.values(), backprop)
 
 
 def _memory(fn, inputs: dict[str, torch.Tensor], backward: bool, device: torch.device) -> int | None:

@@ -33,6 +33,7 @@ from routemem.bench.common import (
     memory_measure,
     row,
     target,
+    timed_call,
 )
 from routemem.ops.gated_sparse import gate_scores, gated_attention, topk_key_indices
 
@@ -84,17 +85,7 @@ def _variants(T: int) -> dict[tuple[str, str], tuple[object, bool]]:
 
 def _once(fn, inputs: dict, backward: bool, grad: torch.Tensor):
     leaves = {name: t.detach().requires_grad_(backward) for name, t in inputs.items()}
-
-    def once():
-        if not backward:
-            with torch.no_grad():
-                fn(**leaves)
-            return
-        fn(**leaves).backward(grad)
-        for t in leaves.values():
-            t.grad = None
-
-    return once
+    return timed_call(lambda: fn(**leaves), backward, leaves.values(), lambda out: out.backward(grad))
 
 
 def _memory(fn, inputs: dict, backward: bool, grad: torch.Tensor, device: torch.device) -> int | None:

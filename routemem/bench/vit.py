@@ -43,6 +43,7 @@ from routemem.bench.common import (
     memory_measure,
     row,
     target,
+    timed_call,
 )
 from routemem.layers.prompts import L2P, CodaPrompt, DualPrompt
 from routemem.models.vit import VisionTransformer, ViTConfig
@@ -109,19 +110,6 @@ def step_fn(vit: VisionTransformer, module, inputs: dict, bf16: bool):
     return forward
 
 
-def _once(forward, params: list, backward: bool):
-    def once():
-        if not backward:
-            with torch.no_grad():
-                forward()
-            return
-        forward().backward()
-        for p in params:
-            p.grad = None  # as zero_grad(set_to_none=True) between training steps
-
-    return once
-
-
 def sequence_lengths(vit: VisionTransformer, module, inputs: dict) -> dict:
     """Per block: the tokens it runs on (queries) and the keys its attention sees."""
     with torch.no_grad():
@@ -150,13 +138,13 @@ def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
     for mode, module in modules.items():
         forwards[mode] = step_fn(vit, module, inputs, bf16)
         params[mode] = list(vit.parameters()) + (list(module.parameters()) if module is not None else [])
-    runs = interleaved_runs({(mode, d): (_once(forwards[mode], params[mode], backward), repeats)
+    runs = interleaved_runs({(mode, d): (timed_call(forwards[mode], backward, params[mode]), repeats)
                              for mode in MODES for d, backward in directions}, ROUNDS[key], device=device)
     rows = []
     for mode in MODES:
         names = {"op": "vit", "mode": mode, "precision": precision, **SHAPE}
         for direction, backward in directions:
-            memory = backward_memory(_once(forwards[mode], params[mode], backward), forwards[mode],
+            memory = backward_memory(timed_call(forwards[mode], backward, params[mode]), forwards[mode],
                                      [inputs["images"], *params[mode]], backward, device)
             rows.append(row(names, direction, runs[mode, direction], memory, memory_measure(device)))
 

@@ -1,6 +1,7 @@
-"""One file per paper's experiment, each with ``run(out, quick, data_dir, device, jobs, shard)``.
-Studies import matplotlib and train models, so ``STUDIES`` loads a study's module only when it is
-run; ``ABOUT`` is what ``routemem reproduce --help`` lists."""
+"""One folder per paper's study, each a package whose ``run(out, quick, data_dir, device, jobs,
+shard)`` is what ``routemem reproduce <study>`` calls; ``shared/`` holds what studies share and
+``suite/`` runs them all. Studies import matplotlib and train models, so ``STUDIES`` loads a
+study's package only when it is run; ``ABOUT`` is what ``routemem reproduce --help`` lists."""
 
 from __future__ import annotations
 

@@ -22,8 +22,9 @@ the attention layer's ``split_qkv`` views the projection as [B, T, 3, H, Dh], th
 
 The config is read from the file's metadata when we wrote it (``save_vit``); otherwise it is
 inferred from the shapes: D, C, p from patch_embed.proj.weight, N (a square) from pos_embed,
-n_layer from the block indices, F from fc1, K from the head, and n_head = D / 64 (the head
-dimension of every standard ViT) unless given. Norm eps defaults to 1e-6, as ViTs use.
+n_layer from the block indices, F from fc1, K from the head, and n_head from the width of the
+standard ViT sizes unless given (``STANDARD_N_HEAD``: the head dimension is not always 64; ViT-H,
+g and G have 16 heads). Another width needs ``n_head=``. Norm eps defaults to 1e-6, as ViTs use.
 """
 
 from __future__ import annotations
@@ -45,7 +46,18 @@ from routemem.fileio import make_public
 from routemem.models.vit import VisionTransformer, ViTConfig
 
 CONFIG_METADATA_KEY = "routemem.vit_config"
-STANDARD_HEAD_DIM = 64
+# d_model -> n_head of the standard ViT sizes (as timm's vit_* models define them). The head
+# dimension is not always 64: H, g and G have 16 heads of 80, 88 and 104. Widths whose head count
+# differs between model families stay out (1536: DINOv2's ViT-g/14 has 24 heads, other giants 16).
+STANDARD_N_HEAD = {
+    192: 3,  # Ti
+    384: 6,  # S
+    768: 12,  # B
+    1024: 16,  # L
+    1280: 16,  # H
+    1408: 16,  # g
+    1664: 16,  # G
+}
 # our parameter name fragment -> the file's (only these differ; everything else is the same name)
 _RENAMES = ((".attn.out.", ".attn.proj."), (".mlp.up.", ".mlp.fc1."), (".mlp.down.", ".mlp.fc2."))
 _HEAD_KEYS = ("head.weight", "head.bias")
@@ -132,10 +144,10 @@ def _infer_config(shapes: dict, metadata: dict, path: Path, overrides: dict) -> 
     elif "n_classes" not in overrides:
         raise ConfigError(f"{path} has no head (head.weight): pass n_classes")
     if "n_head" not in overrides:
-        if D % STANDARD_HEAD_DIM:
-            raise ConfigError(f"{path}: cannot infer n_head for d_model={D} (not a multiple of "
-                              f"{STANDARD_HEAD_DIM}): pass n_head")
-        inferred["n_head"] = D // STANDARD_HEAD_DIM
+        if D not in STANDARD_N_HEAD:
+            raise CheckpointError(f"{path}: the file does not record n_head and d_model={D} is not a standard "
+                                  f"ViT width ({', '.join(map(str, STANDARD_N_HEAD))}): pass n_head=<heads>")
+        inferred["n_head"] = STANDARD_N_HEAD[D]
     return ViTConfig(**(inferred | overrides))
 
 
