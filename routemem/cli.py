@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import textwrap
 from pathlib import Path
 
 from routemem.errors import TrainingDiverged, UserError
+from routemem.fileio import check_output_path
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # inside the package: a wheel has them too
 
@@ -42,12 +45,15 @@ def _saved_run_config(out: str) -> dict:
 
 def cmd_train(args) -> int:
     from routemem.config import apply_overrides, from_dict, load_yaml
+    from routemem.data.corpora import check_data_dir
     from routemem.train import RunConfig, Trainer
     from routemem.train.summary import format_summary
 
     if args.resume and args.resume_from:
         raise UserError("--resume continues the run in --out, --resume-from starts a new run in --out "
                         "from another run's checkpoint: pass only one of them")
+    check_output_path(args.out, "--out", folder=True)
+    check_data_dir(args.data_dir)
     overrides = list(args.overrides)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
@@ -55,8 +61,14 @@ def cmd_train(args) -> int:
         base = load_yaml(resolve_config_path(args.config))
     else:
         base = _saved_run_config(args.out) if args.resume else {}
-    config = from_dict(RunConfig, apply_overrides(base, overrides))
+    data = apply_overrides(base, overrides)
+    config = from_dict(RunConfig, data)
     trainer = Trainer(config, args.out, resume=args.resume_from or (True if args.resume else None))
+    given_vocab = data.get("model", {}).get("vocab_size")
+    if given_vocab is not None and given_vocab != trainer.model_config.vocab_size and trainer.dist.is_main:
+        # a warning, not an error: a config copied from a run's config.yaml carries its tokenizer's size
+        warn(f"model.vocab_size={given_vocab} is replaced by the tokenizer's vocabulary size "
+             f"{trainer.model_config.vocab_size} (the vocabulary always comes from data.tokenizer)")
     try:
         result = trainer.fit()
     finally:
@@ -70,8 +82,10 @@ def cmd_eval(args) -> int:
     import torch
 
     from routemem.data import load_corpus, load_splits
+    from routemem.data.corpora import check_data_dir
     from routemem.train import evaluate, load_model
 
+    check_data_dir(args.data_dir)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_tokens is not None and args.max_tokens < 1:
@@ -98,9 +112,10 @@ def cmd_sample(args) -> int:
 
     if args.tokens < 1:
         raise UserError(f"--tokens must be >= 1, got {args.tokens}")
-    if not args.temperature > 0:  # 0 or less would divide by zero or flip the distribution
-        raise UserError(f"--temperature must be > 0, got {args.temperature} (a small value such as 0.01 is "
-                        "close to greedy)")
+    if not 0 < args.temperature < math.inf:  # 0 or less would divide by zero or flip the distribution,
+        # inf would make every token equally likely and nan every probability nan
+        raise UserError(f"--temperature must be a finite number > 0, got {args.temperature} (a small value "
+                        "such as 0.01 is close to greedy)")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {args.top_k} (leave it out to sample from every token)")
     model, tokenizer, _ = load_model(args.ckpt)
@@ -117,19 +132,26 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def warn(message: str) -> None:
+    """One stderr line about something the user may not expect; the command goes on."""
+    print(f"routemem: warning: {message}", file=sys.stderr)
+
+
 def warn_unknown_chars(tokenizer, text: str, what: str) -> None:
     """One stderr line when a char tokenizer will read characters of ``text`` as "unknown" (id 0)."""
     unknown = tokenizer.unknown_chars(text)
     if unknown:
         more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
         shown = " ".join(repr(c) for c in unknown[:20]) + more
-        print(f"routemem: warning: {what} has {len(unknown)} character(s) the checkpoint's char tokenizer "
-              f"never saw, read as 'unknown': {shown}", file=sys.stderr)
+        warn(f"{what} has {len(unknown)} character(s) the checkpoint's char tokenizer never saw, read as "
+             f"'unknown': {shown}")
 
 
 def cmd_corpora(args) -> int:
     from routemem.data import list_corpora
+    from routemem.data.corpora import check_data_dir
 
+    check_data_dir(args.data_dir)
     rows = list_corpora(args.data_dir)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -144,8 +166,8 @@ def cmd_corpora(args) -> int:
 def cmd_bench(args) -> int:
     from routemem.bench import run_suite
 
-    if args.out and Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} is a folder; give a file path for the JSON")
+    if args.out is not None:  # checked now: measurements taken are not to be lost to a bad path
+        check_output_path(args.out, "--out", folder=False)
     # run_suite checks the suite name and the device before it measures anything
     result = run_suite(args.suite, quick=args.quick, out=args.out, device=args.device)
     print(json.dumps(result, indent=2))
@@ -153,9 +175,16 @@ def cmd_bench(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
+    from routemem.data.corpora import check_data_dir
     from routemem.experiments import STUDIES
-    from routemem.experiments.shared.runner import Shard, parse_jobs
+    from routemem.experiments.shared.runner import Shard, parse_jobs, parse_threads
 
+    threads = parse_threads(args.threads)
+    set_study_threads(threads)
+    # before any study runs: a results folder that cannot be made, or a data folder that is not
+    # there, would otherwise surface as a traceback, after the training
+    check_output_path(args.out, "--out", folder=True)
+    check_data_dir(args.data_dir)
     if args.study == "all":
         return cmd_reproduce_all(args)
     if args.force:
@@ -175,7 +204,7 @@ def cmd_reproduce(args) -> int:
         extra["setting"] = args.setting
     jobs, shard = parse_jobs(args.jobs), Shard.parse(args.shard) if args.shard is not None else None
     out = STUDIES[args.study](out=Path(args.out), quick=args.quick, data_dir=args.data_dir, device=args.device,
-                              jobs=jobs, shard=shard, **extra)
+                              jobs=jobs, shard=shard, threads=threads, **extra)
     if shard is not None:
         print(f"shard {out['shard']}: trained {out['trained']} run(s), {out['reused']} already cached, in "
               f"{out['runs_dir']}; no report written (run the same command without --shard once every "
@@ -185,6 +214,14 @@ def cmd_reproduce(args) -> int:
 
     print("\n".join(verdict_lines(out, Path(args.out) / args.study / "report.md")))
     return 0
+
+
+def set_study_threads(threads: int) -> None:
+    """This process's torch threads for a study: each run trains on ``threads`` (the runner sets the
+    same in its workers), and results.json's machine header then records that count."""
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def cmd_reproduce_all(args) -> int:
@@ -201,7 +238,7 @@ def cmd_reproduce_all(args) -> int:
     if args.setting is not None:
         raise UserError("--setting applies to the palimpsa study only; 'all' runs each study's quick or full setting")
     manifest = run_suite(args.out, quick=args.quick, data_dir=args.data_dir, device=args.device, jobs=args.jobs,
-                         force=args.force)
+                         force=args.force, threads=args.threads)
     report, page = write_report(args.out), write_page(args.out)
     print("\n".join(summary_lines(args.out) + [f"report: {report}", f"page:   {page}"]))
     return 1 if failed(manifest) else 0
@@ -247,6 +284,57 @@ def cmd_pretrain_vit(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, plus what two subcommands need (set as attributes on their parsers):
+
+    ``takes_overrides``: ``key.sub=value`` words anywhere on the line are config overrides, added to
+    ``overrides`` in the order given (argparse alone takes one unbroken run of them, so in
+    ``--out o a=1 --json b=2`` it refused b=2); any other unknown word is still an error.
+    ``dash_values``: options whose value may start with '-' (``--shard -1/2``), which argparse
+    would take for an option and answer "expected one argument"; ``--shard X`` is read as
+    ``--shard=X``, so the command's own check can say what is wrong with the value.
+    """
+
+    takes_overrides = False
+    dash_values: tuple[str, ...] = ()
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        glued = []
+        for arg in args:
+            if glued and glued[-1] in self.dash_values:
+                glued[-1] = f"{glued[-1]}={arg}"
+            else:
+                glued.append(arg)
+        namespace, extras = super().parse_known_args(glued, namespace)
+        if self.takes_overrides:
+            overrides = [arg for arg in extras if "=" in arg and not arg.startswith("-")]
+            extras = [arg for arg in extras if arg not in overrides]
+            namespace.overrides = [*(namespace.overrides or []), *overrides]
+            if extras:
+                self.error(f"unrecognized arguments: {' '.join(extras)} (a config override is key.sub=value)")
+        return namespace, extras
+
+
+class _HelpWithLayers(argparse.Action):
+    """-h/--help that lists the registered mixers and FFNs under the help. Finding them imports
+    every layer file, and so torch (about 1.5 s): paid only when the help is asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from routemem.layers.registry import registered_names
+
+        mixers, ffns = registered_names()
+        layers = "\n".join(textwrap.fill(f"{what}: {', '.join(names)}", width=78, subsequent_indent="  ",
+                                         break_on_hyphens=False)
+                           for what, names in (("mixers (model.mixer)", mixers), ("FFNs (model.ffn)", ffns)))
+        parser.epilog = f"{parser.epilog}\n\n{layers}" if parser.epilog else layers
+        parser.print_help()
+        parser.exit()
+
+
 def _reproduce_description() -> str:
     from routemem.experiments import ABOUT
 
@@ -259,10 +347,16 @@ def _reproduce_description() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="routemem", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    # the docstring's first line, without its reStructuredText ``quotes``
+    parser = _Parser(prog="routemem", description=__doc__.splitlines()[0].replace("``", ""), add_help=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-h", "--help", action=_HelpWithLayers, help="show this help message and exit")
+    sub = parser.add_subparsers(dest="command", required=True)  # subcommands get _Parser too
 
-    p = sub.add_parser("train", help="train a language model from a YAML config")
+    p = sub.add_parser("train", help="train a language model from a YAML config", add_help=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.takes_overrides = True
+    p.add_argument("-h", "--help", action=_HelpWithLayers, help="show this help message and exit")
     p.add_argument("--config", help="YAML file or shipped config name (e.g. charlm-quick)")
     p.add_argument("--out", required=True, help="run directory (metrics.jsonl, ckpt/, final.json)")
     p.add_argument("--resume", action="store_true",
@@ -274,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print the result as one JSON line instead of the summary (final.json has it too)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="config overrides; with --resume and no --config they apply to the run's own config")
+                   help="config overrides, anywhere on the line (e.g. train.max_steps=200 model.mixer=gla); "
+                        "with --resume and no --config they apply to the run's own config")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a checkpoint on a corpus split; prints one JSON object")
@@ -304,10 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     from routemem.bench import SUITES
 
     suites = "\n".join(f"  {name:<10} {what}" for name, what in SUITES.items())
-    p = sub.add_parser("bench", help="run a benchmark suite; prints JSON (docs/benchmarks.md)",
+    p = sub.add_parser("bench", help="run a benchmark suite; prints JSON",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Run a benchmark suite and print its JSON: rows of measurements, targets\n"
-                                   "with ratio, threshold and met, and the machine header (docs/benchmarks.md).",
+                                   "with ratio, threshold and met, and the machine header. The fields are\n"
+                                   "described in `python -m pydoc routemem.bench` and in full in\n"
+                                   "docs/benchmarks.md of the source repository (a wheel has no docs/).",
                        epilog=f"suites:\n{suites}")
     p.add_argument("suite", help=f"one of: {', '.join(SUITES)}")
     p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}",
@@ -319,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="run a paper's experiment; writes OUT/<study>/results.json",
                        description=_reproduce_description(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.dash_values = ("--shard",)  # I/N: '-1/2' must reach the check that says 0 <= I < N
     p.add_argument("study", help="which study (listed above), or all")
     p.add_argument("--out", default="results", help="results go to OUT/<study>/ (default: results)")
     p.add_argument("--quick", action="store_true", help="the small setting: minutes, not hours, on a CPU")
@@ -330,8 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}",
                    help="where to train (auto: cuda when torch sees a GPU)")
     p.add_argument("--jobs", default="1", metavar="N",
-                   help="train N runs at once in worker processes, each with 1/N of the CPU threads "
+                   help="train N runs at once in worker processes, each with --threads threads "
                         "(on cuda all share the one GPU)")
+    p.add_argument("--threads", default="1", metavar="T",
+                   help="CPU threads per run (default 1: on a shared or busy CPU, two contending threads per "
+                        "process ran 3-10x slower, one thread held up; raise it on an idle machine with cores "
+                        "to spare). The thread count changes float sums, so a study's runs all use the same")
     p.add_argument("--shard", metavar="I/N", help="train only runs I, I+N, I+2N, ... (0 <= I < N) into "
                    "OUT/<study>/runs/ and stop; a last run without --shard writes the report")
     p.add_argument("--force", action="store_true", help="all only: run every study again, none reused; "

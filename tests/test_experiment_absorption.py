@@ -213,6 +213,29 @@ def test_tiny_study_writes_six_claims_report_and_plots(tmp_path):
         assert heading in report
     for plot in ("ppl_per_arm.png", "f1_vs_deployed_ppl.png", "concentration.png", "gate_grad_norm.png"):
         assert (study / plot).stat().st_size > 0
+    assert "runs reused from the cache" in report
+
+
+@pytest.mark.parametrize("scale, values", [("log", [15.0, 19.0, 24.0]), ("log", [11.3, 11.45]),
+                                           ("symlog", [0.0, 1e-5, 1.0])])
+def test_log_axes_label_their_ticks_as_plain_numbers(scale, values):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from routemem.experiments.absorption.report import plain_log_ticks
+
+    fig, ax = plt.subplots()
+    ax.plot(range(len(values)), values)
+    ax.set_yscale(scale, **({"linthresh": 1e-6} if scale == "symlog" else {}))
+    plain_log_ticks(ax.yaxis)
+    fig.canvas.draw()
+    labels = [t.get_text() for minor in (False, True) for t in ax.get_yticklabels(minor=minor) if t.get_text()]
+    plt.close(fig)
+    assert labels and all(float(text) == float(f"{float(text):g}") for text in labels)  # each one a plain number
+    if scale == "log":  # a narrow range: its minor ticks are labelled, as plain numbers
+        assert [t for t in labels if float(t) not in (1.0, 10.0, 100.0)]
 
 
 def test_cli_reproduce_absorption_quick_and_resume(tmp_path, monkeypatch, capsys):

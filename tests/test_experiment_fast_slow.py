@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 from routemem.cli import main
 from routemem.experiments.fast_slow import protocol as fast_slow
 from routemem.experiments.fast_slow import claims as fast_slow_claims
+from routemem.experiments.fast_slow import report as fast_slow_report
 from routemem.experiments.shared.common import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 from routemem.experiments.shared.text_lm import text_task
 
@@ -107,7 +109,25 @@ def test_arms_differ_only_in_the_mixer():
     assert fast_slow.model_config(TINY, "coupled", 8).mixer_kwargs["window"] == 8
 
 
-def test_tiny_study_writes_results_report_and_plots(tmp_path):
+def legends_of_saved_figures(monkeypatch) -> dict[str, list[list[str]]]:
+    """Replace Figure.savefig by a recorder: file name -> the texts of each legend (figure legends
+    first, then each panel's, an empty list for a panel without one)."""
+    from matplotlib.figure import Figure
+
+    saved = {}
+
+    def record(fig, path, **_):
+        if not isinstance(path, (str, Path)):
+            return  # an in-memory image (the theorem plot writes through a buffer)
+        panels = [ax.get_legend() for ax in fig.axes]
+        saved[Path(path).name] = [[t.get_text() for t in legend.get_texts()] if legend else []
+                                  for legend in [*fig.legends, *panels]]
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return saved
+
+
+def test_tiny_study_writes_results_report_and_plots(tmp_path, monkeypatch):
     results = fast_slow.run(out=tmp_path, setting=TINY, device="cpu")
     study = tmp_path / "fast-slow"
     on_disk = json.loads((study / "results.json").read_text())
@@ -130,6 +150,22 @@ def test_tiny_study_writes_results_report_and_plots(tmp_path):
     assert "## Claims" in report and "POSITIVE CONTROL" in report or results["claims"][2]["verdict"] != NOT_REPRODUCED
     for plot in ("gate.png", "val_loss.png", "eps_slope.png"):
         assert (study / plot).stat().st_size > 0
+    one_token = on_disk["topic_levels"]["one_token"]
+    stuck = all(fast_slow_claims.val_loss(fast_slow_claims.finished(topic_runs, arm, TINY.topic_tokens,
+                                                                     TINY.topic_window, "topics"))["mean"] > one_token
+                for arm in fast_slow.ARMS)
+    assert ("no arm reached even the one-token level" in report) == stuck
+    saved = legends_of_saved_figures(monkeypatch)
+    fast_slow_report.plots(study, TINY, results["runs"], results["theorem"])
+    gate = saved["gate.png"]  # one figure legend for every panel, the 0.1 line named
+    assert gate[0][:2] == ["coupled", "frozen"]
+    assert f"gate open: slow share >= {fast_slow_claims.OPEN_SHARE}" in gate[0][-1]
+    assert all(panel == [] for panel in gate[1:])
+    val = saved["val_loss.png"]  # a legend on every panel; the topic panel's names the two levels
+    levels = on_disk["topic_levels"]
+    assert all(panel for panel in val) and len(val) == len(TINY.budgets) + 2
+    assert {f"best seeing one token ({levels['one_token']:.3f})",
+            f"best knowing the topic ({levels['topic_known']:.3f})"} <= set(val[-1])
 
 
 def test_frozen_arm_keeps_its_slow_path_at_init():
@@ -165,3 +201,21 @@ def test_topic_control_reads_only_topic_runs():
     claim = fast_slow_claims.topic_control_claim(TINY, text + topics, levels)
     assert claim["verdict"] == REPRODUCED and claim["measured"]["coupled"]["mean"] == pytest.approx(3.62)
     assert fast_slow_claims.topic_control_claim(TINY, text, levels)["verdict"] == INCONCLUSIVE  # no topic runs
+
+
+def test_report_says_so_when_no_topic_arm_reached_the_one_token_level():
+    levels = {"topic_known": 3.466, "one_token": 4.088}
+
+    def topic_runs(losses):
+        return [dict(r, task="topics") for r in three_arms(TINY.topic_tokens, losses, window=TINY.topic_window)]
+
+    stuck = topic_runs({"dense": [4.135, 4.135], "coupled": [4.134, 4.134], "frozen": [4.136, 4.134]})
+    text = fast_slow_report.topic_undertrained_text(stuck, TINY.topic_tokens, TINY.topic_window, levels, "quick")
+    assert "no arm reached even the one-token level" in text[1] and "above 4.088" in text[1]
+    assert "(the lowest arm mean is 4.134)" in text[1] and f"{TINY.topic_tokens:,} tokens" in text[1]
+    full = fast_slow_report.topic_undertrained_text(stuck, TINY.topic_tokens, TINY.topic_window, levels, "full")
+    assert "quick mode" not in full[1]
+    one_below = topic_runs({"dense": [4.134, 4.135], "coupled": [4.0, 4.02], "frozen": [4.136, 4.134]})
+    assert fast_slow_report.topic_undertrained_text(one_below, TINY.topic_tokens, TINY.topic_window, levels,
+                                                    "quick") == []
+    assert fast_slow_report.topic_undertrained_text([], TINY.topic_tokens, TINY.topic_window, levels, "quick") == []

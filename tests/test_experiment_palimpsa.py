@@ -32,6 +32,7 @@ def test_directional_verdict_rule():
     wide = summarize([0.3, 0.9])
     assert directional_verdict(wide, low)[0] == INCONCLUSIVE
     assert directional_verdict(summarize([0.9]), summarize([0.1]))[0] == INCONCLUSIVE  # one seed
+    assert directional_verdict(high, low)[1].startswith("0.910 ± 0.010 vs 0.510 ± 0.010")  # the reports' "±"
 
 
 def test_combine_verdicts():
@@ -80,6 +81,11 @@ def test_tiny_study_writes_results_report_and_plots(tmp_path):
         assert 0.0 <= run["metrics"]["grid_mean"] <= 1.0 and run["state_size"] > 0
     report = (study / "report.md").read_text()
     assert "| palimpsa |" in report and "## Claims" in report
+    assert f"below {palimpsa_claims.STALLED_BELOW} on that cell *stalled*" in report
+    off_plateau = {"off": "yes", "stalled": "stalled", "on": "no"}
+    for run in on_disk["runs"]:  # every run's row says which of the three it is
+        assert (f"| {run['seed']} | {run['final_loss']:.3f} | "
+                f"{off_plateau[palimpsa_claims.plateau_state(run, TINY)]} |") in report
     # chance beside every accuracy: a uniform guess among the values, the upper half of the vocabulary
     chance = 1 / (TINY.vocab_size - TINY.vocab_size // 2)
     assert on_disk["chance_accuracy"] == pytest.approx(chance)
@@ -167,6 +173,26 @@ def test_plateau_is_the_easiest_cell_against_the_threshold():
     assert palimpsa_claims.left_plateau({"val": {"acc_L16_kv2": 0.5}}, setting)
     assert not palimpsa_claims.left_plateau({"val": {"acc_L16_kv2": 0.49}}, setting)
     assert not palimpsa_claims.left_plateau({"diverged": "nan"}, setting)
+
+
+def test_a_run_off_the_plateau_but_short_of_the_easiest_cell_has_stalled():
+    setting = replace(TINY, plateau_threshold=0.5)
+    below = palimpsa_claims.STALLED_BELOW
+    assert setting.plateau_threshold < below < 1.0
+
+    def run(arm, accuracy):
+        return {"arm": arm, "val": {"acc_L16_kv2": accuracy}}
+
+    assert palimpsa_claims.plateau_state(run("gla", 0.49), setting) == "on"
+    assert palimpsa_claims.plateau_state(run("gla", 0.5), setting) == "stalled"
+    assert palimpsa_claims.plateau_state(run("gla", below - 0.01), setting) == "stalled"
+    assert palimpsa_claims.plateau_state(run("gla", below), setting) == "off"
+    assert palimpsa_claims.plateau_state({"arm": "gla", "diverged": "nan"}, setting) == "on"
+    runs = [run("gla", 1.0), run("gla", 0.7), run("gla", 0.2), run("palimpsa", 0.95)]
+    table = palimpsa_claims.plateau_table(runs, setting)
+    assert table["stalled_below"] == below
+    assert table["counts"][f"gla d{TINY.d_model}"] == {"left": 2, "stalled": 1, "runs": 3}
+    assert table["counts"][f"palimpsa d{TINY.d_model}"] == {"left": 1, "stalled": 0, "runs": 1}
 
 
 # --- settings: the authors' data and layer, the paper's scale -------------------------------------

@@ -15,12 +15,8 @@ from routemem.cli import main
 from routemem.experiments.ocl_baselines import protocol as ocl_baselines
 from routemem.experiments.rwf import protocol as rwf
 from routemem.experiments.rwf import claims as rwf_claims
-from routemem.experiments.shared.common import (
-    INCONCLUSIVE,
-    NOT_REPRODUCED,
-    REPRODUCED,
-    RunCache,
-)
+from routemem.experiments.shared.cache import RunCache
+from routemem.experiments.shared.common import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 
 TINY = replace(rwf.QUICK, d_model=32, n_layer=2, n_head=2, patch_size=8, image_size=16, pretrain_steps=4,
                pretrain_batch=16, pretrain_samples=4, pretrain_classes=12, glyph_classes=6, glyph_samples=10,
@@ -85,6 +81,20 @@ def test_ablation_rule_every_verdict_and_the_summary():
     assert rwf_claims.ablation_summary(fake("rwf:static", LOW), ["rwf:static"]).startswith("No ablation can")
 
 
+def test_only_the_train_output_ablation_cites_the_output_projection():
+    arms = [rwf.arm_name(name) for name in rwf.ABLATIONS]
+    papers = {c["id"]: c["paper"]["ours"] for c in rwf_claims.claims(fake("rwf", HIGH), arms)[2:]}
+    assert set(papers) == {f"ablation_{name.replace('-', '_')}" for name in rwf.ABLATIONS}
+    assert [i for i, text in papers.items() if "output projection" in text] == ["ablation_train_output"]
+    assert all(text.startswith("not in the abstract") for text in papers.values())
+    assert set(rwf_claims.ABLATION_PAPER) == set(rwf.ABLATIONS)  # every ablation says its own
+
+
+def test_rwf_arms_are_the_six_shared_baselines_and_rwf():
+    assert rwf.METHODS == ("linear-probe", "finetune", "er", "l2p", "dualprompt", "coda-prompt", "rwf")
+    assert rwf.QUICK.methods == rwf.FULL.methods == rwf.METHODS  # ocl-baselines' linear-probe-task is not here
+
+
 def test_prompt_similarity_separates_classes_and_ignores_the_shared_part():
     torch.manual_seed(0)
     direction = torch.randn(2, 3, 8)
@@ -129,8 +139,9 @@ def test_tiny_study_writes_every_stream_arm_claim_and_diagnostic(tmp_path, monke
     assert "retrieval" not in by["glyphs", "l2p"]
     report = (study / "report.md").read_text()
     for section in ("## Claims", "## glyphs-fewshot stream", "## Ablations of RwF", "## Retrieval diagnostics",
-                    "Where the gain comes from:", "Skipped: digits"):
+                    "Where the gain comes from:", "Skipped: digits", "runs reused from the cache"):
         assert section in report
+    assert "+-" not in report and "units reused" not in report  # one wording across the reports
     for plot in ("accuracy_matrices.png", "anytime.png", "ablations/accuracy_matrices.png", "ablations/anytime.png"):
         assert (study / plot).stat().st_size > 0
 

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from routemem.fileio import write_bytes_atomic, write_text_atomic
+from routemem.fileio import atomic_path, write_bytes_atomic, write_text_atomic
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
@@ -33,3 +33,17 @@ def test_failed_write_keeps_the_old_file(tmp_path):
     with pytest.raises(TypeError):
         write_bytes_atomic(target, "not bytes")
     assert target.read_text() == "old" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_atomic_path_gives_programs_the_executable_mode_and_cleans_up(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "lib.so", executable=True) as tmp:
+            tmp.write_bytes(b"\x7fELF")  # what a compiler would write
+        with pytest.raises(RuntimeError), atomic_path(tmp_path / "other.so", executable=True) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("the build failed")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "lib.so").stat().st_mode) == 0o755
+    assert [p.name for p in tmp_path.iterdir()] == ["lib.so"]  # no temp file, no other.so

@@ -14,7 +14,7 @@ from worker_probe import where_am_i
 
 from routemem.cli import main
 from routemem.experiments.palimpsa import protocol as palimpsa
-from routemem.experiments.shared.common import RunCache
+from routemem.experiments.shared.cache import RunCache
 from routemem.experiments.shared.runner import (
     Execution,
     Shard,

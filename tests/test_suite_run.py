@@ -35,11 +35,11 @@ def test_each_study_is_called_as_reproduce_calls_it_in_the_expected_order(monkey
     assert reproduce_all(out, "--device", "cpu", "--jobs", "2", "--data-dir", str(tmp_path)) == 0
     assert order == ["fake-a", "fake-b"]
     assert fakes.kwargs["fake-a"] == [{"out": out, "quick": True, "data_dir": str(tmp_path), "device": "cpu",
-                                       "jobs": 2, "shard": None}]
+                                       "jobs": 2, "shard": None, "threads": 1}]
     entry = manifest(out)["studies"]["fake-a"]
     assert entry["status"] == "complete" and entry["mode"] == "quick" and entry["results"] == "fake-a/results.json"
     assert entry["command"] == (f"routemem reproduce fake-a --quick --out {out} --data-dir {tmp_path} "
-                                "--device cpu --jobs 2")
+                                "--device cpu --jobs 2 --threads 1")
     assert entry["fingerprint"] == suite.setting_fingerprint("fake-a", quick=True) and entry["seconds"] >= 0
     assert entry["started"] <= entry["finished"]
     printed = capsys.readouterr().out
@@ -86,6 +86,8 @@ def test_another_mode_or_a_lost_results_file_runs_the_study_again(monkeypatch, t
 
 def test_another_data_folder_runs_the_study_again(monkeypatch, tmp_path):
     fakes = FakeStudies(monkeypatch, ["fake-a"])
+    (tmp_path / "data").mkdir()
+    (tmp_path / "other").mkdir()
     monkeypatch.setenv("ROUTEMEM_DATA", str(tmp_path / "data"))
     out = tmp_path / "all"
     assert reproduce_all(out) == 0 and reproduce_all(out, "--data-dir", str(tmp_path / "data")) == 0

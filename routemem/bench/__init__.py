@@ -2,8 +2,10 @@
 
 Every suite reports one JSON shape: ``suite``, ``env`` (the machine header), ``quick``, ``rows``
 (one flat record per measurement), ``targets`` (ratio, threshold, comparison, met) and
-``all_targets_met``, plus suite-specific context under ``info``. The shape, each field and how
-targets are judged are documented in docs/benchmarks.md.
+``all_targets_met``, plus suite-specific context under ``info``. Each row names what it measured
+and its timing statistics; each target compares a ratio of two rows with its threshold (``met``
+says whether it holds). Every field and how targets are judged are documented in full in
+docs/benchmarks.md of the source repository (a wheel does not ship docs/).
 
 The suites are imported when run, so listing them (``routemem bench --help``) stays cheap. A suite
 ``a-b`` lives in the module ``routemem.bench.a_b``.

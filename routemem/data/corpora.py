@@ -109,6 +109,18 @@ def _pycode() -> Corpus:
     return make_corpus("pycode", "".join(parts), f"{stdlib} (.py, tests excluded)")
 
 
+def check_data_dir(data_dir: str | os.PathLike | None, what: str = "--data-dir") -> None:
+    """A data folder the user named must exist, even when the corpus at hand does not read it
+    (pydocs): a typo is reported, not silently ignored. ``what`` names the flag or config key."""
+    if data_dir is None:
+        return
+    folder = os.path.expanduser(os.fspath(data_dir))
+    if not os.path.isdir(folder):
+        problem = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise DataError(f"{what} {data_dir} {problem}; give the folder that holds the corpus files "
+                        f"({', '.join(name for name, _ in FILE_CORPORA.values())})")
+
+
 def _data_file(name: str, data_dir: str | None) -> str:
     """Full path of a named file corpus; DataError if no data dir is configured."""
     fname = FILE_CORPORA[name][0]

@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
 
 from routemem.data.corpora import Corpus
 from routemem.errors import DataError
+from routemem.fileio import atomic_path
 
 SPLITS = ("train", "val", "test")
 CACHE_ENV = "ROUTEMEM_CACHE"
@@ -55,21 +55,14 @@ def _read_cache(path: str) -> np.ndarray | None:
 
 
 def _write_cache(path: str, tokens: np.ndarray) -> None:
-    """Write atomically (temp file + rename) so readers never see a partial file; never raise."""
-    tmp = None
+    """Write atomically (temp file + rename) so readers never see a partial file, with the mode
+    any file gets (a shared cache is readable by all who share it); never raise."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tokens-", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.save(str) adds .npy
             np.save(f, tokens)
-        os.replace(tmp, path)
     except OSError:
-        # An unwritable cache only costs re-encoding next time; it is no reason to stop training.
-        if tmp is not None and os.path.exists(tmp):
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
+        pass  # an unwritable cache only costs re-encoding next time; it is no reason to stop training
 
 
 def load_splits(corpus: Corpus, tokenizer, cache_dir: str | None = None) -> dict[str, np.ndarray]:

@@ -6,9 +6,10 @@ Options (``mixer_kwargs``):
              causal attention, no gate parameters)
     mode     "soft" (logits += log sigmoid(s / tau)) | "hard" (each query keeps its k best keys by
              gate score; the gate gets exactly zero gradient). "hard" needs a gate.
-    k        keys per query for hard mode, random masks and the oracle. None means
-             max(1, max_seq_len // 8): fixed at construction, so the parallel form and step() keep
-             the same k, and it is T / 8 at the full context.
+    k        keys per query for hard mode, random masks and the oracle, at most max_seq_len (a
+             larger k would keep every key). None means max(1, max_seq_len // 8): fixed at
+             construction, so the parallel form and step() keep the same k, and it is T / 8 at the
+             full context.
     rank, tau   the gate's rank r and the soft temperature.
     hard_form    how hard mode attends: "gather" (only the k kept keys per query are gathered:
              O(T k) memory for the attention part, the form for long contexts) or "mask" (the
@@ -64,6 +65,10 @@ class GatedSparseAttention(nn.Module):
         if mode == "hard" and gate == "none":
             raise ConfigError(f"{owner}: mode 'hard' needs a gate to rank the keys (gate 'learned' or 'random'), got gate 'none'")
         self.k = max(1, spec.max_seq_len // 8) if k is None else check_int(owner, "k", k)
+        if self.k > spec.max_seq_len:  # no query has more keys than that: "sparse" would be dense
+            raise ConfigError(f"{owner}: k={self.k} is larger than max_seq_len={spec.max_seq_len}: every query "
+                              f"would keep every key (top-k, random masks and the oracle would be dense "
+                              f"attention); give k <= {spec.max_seq_len}")
         self.rank = check_int(owner, "rank", rank)
         self.tau = check_positive(owner, "tau", tau)
         self.hard_form = check_choice(owner, "hard_form", hard_form, HARD_FORMS)

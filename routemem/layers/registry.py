@@ -70,3 +70,11 @@ def build_mixer(name: str, spec: LayerSpec, kwargs: dict | None = None) -> nn.Mo
 
 def build_ffn(name: str, spec: LayerSpec, kwargs: dict | None = None) -> nn.Module:
     return _build(FFNS, "ffn", name, spec, kwargs or {})
+
+
+def registered_names() -> tuple[list[str], list[str]]:
+    """The sorted names of every mixer and every FFN, for help texts. Importing ``routemem.layers``
+    is what registers them (each layer file registers itself), so this loads torch."""
+    import routemem.layers  # noqa: F401  (registration side effect)
+
+    return sorted(MIXERS), sorted(FFNS)

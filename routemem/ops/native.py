@@ -20,11 +20,12 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from routemem.fileio import atomic_path
 
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC"]
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}  # each kernel exports both precisions
@@ -51,16 +52,14 @@ def build(source: Path, compiler: str) -> Path:
     if library.exists():
         return library
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=folder)
-    os.close(fd)
-    try:  # build beside the target, then rename: a concurrent or killed build never leaves half a file
-        done = subprocess.run([compiler, *FLAGS, str(source), "-o", tmp], capture_output=True,
+    # Built beside the target, then renamed: a concurrent or killed build never leaves half a file.
+    # The library gets 0755 less the umask, as the compiler's own output would, so a shared cache
+    # can load it for every user (the temp file it is built over was owner-only).
+    with atomic_path(library, executable=True) as tmp:
+        done = subprocess.run([compiler, *FLAGS, str(source), "-o", str(tmp)], capture_output=True,
                               text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed on {source.name}:\n{done.stderr.strip()}")
-        os.replace(tmp, library)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return library
 
 

@@ -58,6 +58,13 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got '{self.device}'")
         if self.lr <= 0 or self.min_lr < 0:
             raise ValueError("lr must be > 0 and min_lr >= 0")
+        if self.threads < 0:  # torch.set_num_threads would fail with a traceback
+            raise ValueError(f"threads must be >= 1, or 0 for torch's default, got {self.threads}")
+        if not self.grad_clip >= 0:  # also refuses nan
+            raise ValueError(f"grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
+        if not 0 <= self.stop_at <= self.max_steps:
+            raise ValueError(f"stop_at must be between 1 and max_steps={self.max_steps} (or 0: run to "
+                             f"max_steps), got {self.stop_at}")
 
 
 @dataclass

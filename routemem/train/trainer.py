@@ -29,8 +29,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from routemem.config import from_dict, to_dict
 from routemem.data import WindowSampler, build_tokenizer, load_corpus, load_splits, tokenizer_from_dict
+from routemem.data.corpora import check_data_dir
 from routemem.errors import CheckpointError, DataError, TrainingDiverged, UserError
-from routemem.fileio import write_text_atomic
+from routemem.fileio import check_output_path, write_text_atomic
 from routemem.machine import machine_header
 from routemem.models import LMConfig, TransformerLM
 from routemem.train import checkpoint as ckpt_io
@@ -52,14 +53,10 @@ def bf16_supported(device: torch.device) -> bool:
         return False
 
 
-def check_out_dir(out_dir: Path) -> None:
-    """``--out`` must be a folder or a path where one can be made (not a file, nor under one)."""
-    for path in (out_dir, *out_dir.parents):
-        if path.exists():
-            if not path.is_dir():
-                what = "is an existing file" if path == out_dir else f"is under {path}, which is a file"
-                raise UserError(f"--out {out_dir} {what}, not a folder; choose another --out")
-            return
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``--out`` must be a folder, or a path where one can be made, that this user can write in:
+    checked before the corpus is read or a step is taken."""
+    return check_output_path(out_dir, "--out", folder=True)
 
 
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
@@ -77,9 +74,9 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
 class Trainer:
     def __init__(self, config: RunConfig, out_dir: str | Path, resume: str | Path | None = None):
         self.cfg = config
-        self.out_dir = Path(out_dir)
-        check_out_dir(self.out_dir)
+        self.out_dir = check_out_dir(out_dir)
         tcfg = config.train
+        check_data_dir(config.data.data_dir, "data.data_dir")
         if tcfg.threads:
             torch.set_num_threads(tcfg.threads)
         self.device = dist_utils.pick_device(tcfg.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -91,6 +88,8 @@ class Trainer:
                             f"world_size * grad_accum = {per_step}")
 
         checkpoint = self._find_checkpoint(resume)
+        if checkpoint is not None:
+            self._check_steps_left(int(checkpoint["state"]["step"]), resume)
         if resume is True:  # the same run, continued: only schedule-neutral keys may change
             check_resume_config(checkpoint["config"], to_dict(config), self.out_dir)
         self.corpus = load_corpus(config.data.corpus, config.data.data_dir)
@@ -156,6 +155,19 @@ class Trainer:
             hint = "pass --resume to continue it" if resume is None else "--resume-from needs a new --out"
             raise UserError(f"{self.out_dir} already holds a run; {hint} or choose another --out")
         return None if resume is None else ckpt_io.read_checkpoint(resume)
+
+    def _check_steps_left(self, step: int, resume) -> None:
+        """Refuse, before anything is written, a continuation that would not take a single step: it
+        would leave a folder without a checkpoint, reporting the source run's numbers as its own.
+        (``--resume`` cannot change max_steps; resuming a finished run redoes its final evals.)"""
+        tcfg = self.cfg.train
+        if resume is not True and tcfg.max_steps <= step:
+            raise UserError(f"--resume-from {resume}: its checkpoint is at step {step} and train.max_steps="
+                            f"{tcfg.max_steps}, so there is nothing left to train; give train.max_steps "
+                            f"larger than {step}")
+        if 0 < tcfg.stop_at <= step < tcfg.max_steps:
+            raise UserError(f"train.stop_at={tcfg.stop_at} is not after the checkpoint's step {step}, so "
+                            f"there is nothing to train; give a later stop_at or leave it out")
 
     def _restore(self, checkpoint: dict) -> None:
         saved = checkpoint["config"].get("model", {})

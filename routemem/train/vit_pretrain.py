@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -46,7 +45,7 @@ from torch import nn
 
 from routemem.data.images import ImageSet
 from routemem.errors import ConfigError, DataError, UserError
-from routemem.fileio import write_text_atomic
+from routemem.fileio import check_output_path, write_text_atomic
 from routemem.machine import machine_header
 from routemem.models.vit import VisionTransformer, ViTConfig
 from routemem.models.vit_weights import save_vit
@@ -295,19 +294,11 @@ def check_out_path(out: str | Path) -> Path:
     """Refuse, before any work, an output path the weights cannot be written to: not ending in
     .safetensors, an existing folder (or a folder at the sidecar's path), under a file, or in a
     folder that cannot be written."""
-    out = Path(out)
+    out = check_output_path(out, "--out", folder=False)  # empty, a folder, under a file, unwritable
     if out.suffix != WEIGHT_SUFFIX or out.name == WEIGHT_SUFFIX:
         raise UserError(f"--out must name a {WEIGHT_SUFFIX} file (the JSON sidecar goes beside it), got '{out}'")
-    for path in (out, sidecar_path(out)):
-        if path.is_dir():
-            raise UserError(f"--out: {path} is a folder")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"--out: {out} is under {parent}, which is a file")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise UserError(f"--out: cannot write in {parent} (permission denied)")
-            break
+    if sidecar_path(out).is_dir():
+        raise UserError(f"--out: {sidecar_path(out)} (where the JSON sidecar goes) is a folder")
     return out
 
 

@@ -13,7 +13,7 @@ margin is max(MIN_MARGIN, MARGIN_STDS x the pooled seed std of the arms compared
    gradient) has a non-zero one at most steps; not reproduced by any non-zero value.
 3. Distillation: degradation = deployed loss with the distilled gate - the source's own loss.
    Reproduced when the co-adapted (hard) source degrades more than the dense source (shared
-   directional rule: means apart in that direction, mean +- std disjoint) while its distilled gate
+   directional rule: means apart in that direction, mean ± std disjoint) while its distilled gate
    is about as accurate (mean F1 >= F1_RATIO x the dense source's), so that a worse gate does not
    explain the gap; not reproduced when it degrades less (disjoint); else inconclusive.
 4. Mask randomisation: the mask-random arm deployed dense has a higher loss than the dense arm
@@ -22,7 +22,7 @@ margin is max(MIN_MARGIN, MARGIN_STDS x the pooled seed std of the arms compared
    over layers and seeds, at least CONCENTRATION_MIN (the paper's 0.906 less 5 points).
 6. APN router (the paper's MoE link, on our router): domain-A test loss of APN with prototypes
    frozen at random init vs learned. Reproduced when random is worse by no more than the margin;
-   not reproduced when learned is better by more than the margin (which also makes the mean +- std
+   not reproduced when learned is better by more than the margin (which also makes the mean ± std
    intervals disjoint); inconclusive with fewer than 2 seeds. Retention and adaptation after the APN study's patch-only adaptation are reported.
 """
 
@@ -65,7 +65,7 @@ def ppl(loss: float) -> float:
 
 
 def fmt(stat: dict) -> str:
-    return f"{stat['mean']:.3f}+-{stat['std']:.3f} (ppl {ppl(stat['mean']):.2f}, n={stat['n']})"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f} (ppl {ppl(stat['mean']):.2f}, n={stat['n']})"
 
 
 def soft_gate_claim(runs: list[dict]) -> dict:
@@ -89,7 +89,7 @@ def soft_gate_claim(runs: list[dict]) -> dict:
     return {"id": "soft_learned_vs_random", "verdict": verdict, "why": why,
             "statement": "A learned soft gate reaches nearly the same perplexity as the same gate frozen at random init",
             "description": "val loss of dense, soft-learned and soft-random; share of the random-to-dense gap the learned gate closes",
-            "paper": {"ours": "learned 48.73 +- 0.60 vs random 49.83 +- 0.04 PPL (3 seeds)"},
+            "paper": {"ours": "learned 48.73 ± 0.60 vs random 49.83 ± 0.04 PPL (3 seeds)"},
             "measured": {**stats, "margin": margin, "gap_random_dense": gap, "gain_learned_over_random": gain,
                          "share_closed": share}}
 
@@ -197,7 +197,7 @@ def apn_router_claim(apn_runs: list[dict]) -> dict:
         verdict, why = INCONCLUSIVE, f"fewer than 2 seeds per router; {text}"
     elif gap <= margin:
         verdict, why = REPRODUCED, f"{text}: the random router matches the learned one"
-    else:  # beyond a margin of 2 x pooled std, the mean +- std intervals are disjoint too
+    else:  # beyond a margin of 2 x pooled std, the mean ± std intervals are disjoint too
         verdict, why = NOT_REPRODUCED, f"{text}: the learned router is better"
     return {"id": "apn_random_router_matches_learned", "verdict": verdict, "why": why + after,
             "statement": "On our MoE-like router (APN), prototypes frozen at random init match learned ones",

@@ -38,7 +38,8 @@ from routemem.experiments.absorption import claims as absorption_claims
 from routemem.experiments.absorption import distill as absorption_distill
 from routemem.experiments.absorption import report as absorption_report
 from routemem.experiments.shared import adaptation
-from routemem.experiments.shared.common import RunCache, use_bf16, write_outputs
+from routemem.experiments.shared.cache import RunCache, run_key
+from routemem.experiments.shared.common import use_bf16, write_outputs
 from routemem.experiments.shared.runner import Execution, Unit, run_units
 from routemem.experiments.shared.text_lm import cached_splits, default_corpus, text_task
 from routemem.machine import machine_header
@@ -229,23 +230,30 @@ def apn_unit(setting: Setting, router: str, seed: int, pair: str, data_dir: str 
 
 
 def units(setting: Setting, corpus: str, pair: str, data_dir: str | None, device: torch.device) -> list[Unit]:
+    # only the seeds are a grid; the data's names and sha256 (as results.json records them) are in every key
+    sha = {corpus: cached_splits(corpus, data_dir)["sha256"], **adaptation.cached_domains(pair, data_dir)["sha256"]}
+    data = {**asdict(setting), "corpus": corpus, "pair": pair, "sha256": sha}
     todo = []
     for seed in setting.seeds:
-        todo.append(Unit(f"dense-hard-distill-seed{seed}", coadaptation_unit, (setting, seed, corpus, data_dir, device.type)))
+        todo.append(Unit(f"dense-hard-distill-seed{seed}", coadaptation_unit, (setting, seed, corpus, data_dir, device.type),
+                         run_key(data, ("seeds",), arms=["dense", "hard"], seed=seed)))
         for arm in ("soft-learned", "soft-random", "mask-random"):
-            todo.append(Unit(f"{arm}-seed{seed}", lm_unit, (setting, arm, seed, corpus, data_dir, device.type)))
+            todo.append(Unit(f"{arm}-seed{seed}", lm_unit, (setting, arm, seed, corpus, data_dir, device.type),
+                             run_key(data, ("seeds",), arm=arm, seed=seed)))
         for router in ROUTERS:
-            todo.append(Unit(f"apn-{router}-seed{seed}", apn_unit, (setting, router, seed, pair, data_dir, device.type)))
+            todo.append(Unit(f"apn-{router}-seed{seed}", apn_unit, (setting, router, seed, pair, data_dir, device.type),
+                             run_key(data, ("seeds",), router=router, seed=seed)))
     return todo
 
 
 def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Setting | None = None,
-        device: str | torch.device = "auto", jobs: int = 1, shard=None) -> dict:
+        device: str | torch.device = "auto", jobs: int = 1, shard=None,
+        threads: int | None = None) -> dict:
     """Writes OUT/absorption/{results.json, report.md, *.png}; finished units are kept in
     OUT/absorption/runs/ (an interrupted study resumes; shards add up). With ``shard`` it trains
     only that shard's units and returns a summary instead of writing the report."""
     setting = setting or (QUICK if quick else FULL)
-    execution = Execution.make(device, jobs, shard)
+    execution = Execution.make(device, jobs, shard, threads)
     corpus, pair = default_corpus(data_dir), adaptation.default_pair(data_dir)
     study_dir = Path(out) / "absorption"
     started = time.perf_counter()

@@ -147,6 +147,21 @@ def report(results: dict, setting) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plain_log_ticks(axis) -> None:
+    """Tick labels of a log or symlog ``axis`` as plain numbers ('%g': "20", "0.001", "1e-06"), not
+    matplotlib's "2 x 10^1", which it prints on a narrow log range. Which ticks get a label stays
+    the log formatter's choice (minor ones only on a narrow range, so a wide one is not crowded)."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLogFormatter(LogFormatter):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    linthresh = getattr(axis.get_transform(), "linthresh", None)  # set on a symlog axis
+    axis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False, linthresh=linthresh))
+    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, linthresh=linthresh))
+
+
 def plots(study_dir: Path, setting, runs: list[dict], distilled: list[dict]) -> None:
     import matplotlib
 
@@ -174,6 +189,7 @@ def plots(study_dir: Path, setting, runs: list[dict], distilled: list[dict]) -> 
                    marker="x", label=f"{source} model as trained")
     ax.set(xlabel="F1 of the distilled gate vs the oracle top-k", ylabel="val perplexity per byte", yscale="log",
            title="distilled gates: accuracy vs deployed perplexity")
+    plain_log_ticks(ax.yaxis)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(study_dir / "f1_vs_deployed_ppl.png", dpi=120)
@@ -201,6 +217,7 @@ def plots(study_dir: Path, setting, runs: list[dict], distilled: list[dict]) -> 
                     label=arm if r["seed"] == setting.seeds[0] else None)
     ax.set(xlabel="step", ylabel="gate gradient norm", yscale="symlog", title="the gate's gradient during training")
     ax.set_yscale("symlog", linthresh=1e-6)
+    plain_log_ticks(ax.yaxis)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(study_dir / "gate_grad_norm.png", dpi=120)

@@ -6,7 +6,7 @@ computed by a written rule:
   mean - std > NEAR_DENSE -> not reproduced; otherwise (or fewer than 2 seeds) inconclusive.
 - retention_ratio / adaptation_ratio: after adapting to B, apn-patches has lower A-test (resp.
   B-test) perplexity than dense-global (paper 11.1 vs 29.4, i.e. 2.6x; 6.4 vs 17.8, i.e. 2.8x).
-  Rule: ``directional_verdict`` (lower is better): disjoint mean +- std in the paper's direction.
+  Rule: ``directional_verdict`` (lower is better): disjoint mean ± std in the paper's direction.
   The ratio dense / APN is reported per seed next to the paper's, but only its direction is tested:
   our models are far smaller than the paper's.
 """
@@ -36,7 +36,7 @@ def _ratios(numerator: dict[int, float], denominator: dict[int, float]) -> list[
 def base_gap_claim(runs: list[dict]) -> dict:
     apn, dense = _by_seed(runs, "pretrain-apn", "a_test_ppl"), _by_seed(runs, "pretrain-dense", "a_test_ppl")
     ratio = summarize(_ratios(apn, dense))
-    text = f"APN/dense perplexity ratio {ratio['mean']:.3f}+-{ratio['std']:.3f} over {ratio['n']} seed(s)"
+    text = f"APN/dense perplexity ratio {ratio['mean']:.3f} ± {ratio['std']:.3f} over {ratio['n']} seed(s)"
     if ratio["n"] < 2:
         verdict, why = INCONCLUSIVE, f"{text}: one seed cannot separate an effect from noise"
     elif ratio["mean"] + ratio["std"] <= NEAR_DENSE:

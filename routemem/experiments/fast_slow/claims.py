@@ -16,7 +16,7 @@ Rules (val loss in nats per byte, means over seeds):
 - Positive controls (claim 3 on text with a short fast window, claim 3b on topic sequences with a
   1-token window; either way the slow path is the only channel to anything further back):
   reproduced when the coupled arm's gate opened (mean slow share >= OPEN_SHARE) AND coupled beats
-  frozen and dense by the shared directional rule (lower loss, mean +- std disjoint); a gate that
+  frozen and dense by the shared directional rule (lower loss, mean ± std disjoint); a gate that
   stays shut means "not reproduced". The text control can be weak (how much text beyond the
   window helps a small model is an open question); the topic control is worth ~0.6 nats by
   construction, so failing it means the layer or its training is broken.

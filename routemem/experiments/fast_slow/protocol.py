@@ -33,7 +33,8 @@ from routemem.errors import TrainingDiverged
 from routemem.experiments.fast_slow import claims as fast_slow_claims
 from routemem.experiments.fast_slow import report as fast_slow_report
 from routemem.experiments.fast_slow import theorem as fast_slow_theorem
-from routemem.experiments.shared.common import RunCache, use_bf16, write_outputs
+from routemem.experiments.shared.cache import RunCache, run_key
+from routemem.experiments.shared.common import use_bf16, write_outputs
 from routemem.experiments.fast_slow.tasks import TOPICS, topic_levels, topic_task
 from routemem.experiments.shared.runner import Execution, Unit, run_units
 from routemem.experiments.shared.text_lm import cached_splits, default_corpus, text_task
@@ -241,25 +242,31 @@ def run_name(arm: str, tokens: int, window: int | None, seed: int, task: str = "
 def units(setting: Setting, corpus: str, data_dir: str | None, device: torch.device) -> list[Unit]:
     """The cost measurement, then one unit per run: main arms at every budget, the text control,
     the topic control."""
-    todo = [Unit("cost", measure_cost, (setting, device.type))]
+    # budgets and seeds are grids: a run reads its own tokens and seed (the control's budget,
+    # max(budgets), is its tokens); the corpus's sha256, as results.json records it, is in every key
+    data = {**asdict(setting), "corpus": corpus, "sha256": cached_splits(corpus, data_dir)["sha256"]}
+    grid = ("budgets", "seeds")
+    todo = [Unit("cost", measure_cost, (setting, device.type), run_key(data, grid))]
     plan = [(arm, tokens, None, corpus) for tokens in setting.budgets for arm in ARMS]
     plan += [(arm, setting.control_budget, setting.control_window, corpus) for arm in ARMS]
     plan += [(arm, setting.topic_tokens, setting.topic_window, TOPICS) for arm in ARMS]
-    for arm, tokens, window, data in plan:
+    for arm, tokens, window, source in plan:
         for seed in setting.seeds:
-            task = TOPICS if data == TOPICS else "text"
+            task = TOPICS if source == TOPICS else "text"
             todo.append(Unit(run_name(arm, tokens, window, seed, task), train_one,
-                             (setting, arm, tokens, window, seed, data, data_dir, device.type)))
+                             (setting, arm, tokens, window, seed, source, data_dir, device.type),
+                             run_key(data, grid, arm=arm, tokens=tokens, window=window, seed=seed, task=task)))
     return todo
 
 
 def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Setting | None = None,
-        device: str | torch.device = "auto", jobs: int = 1, shard=None) -> dict:
+        device: str | torch.device = "auto", jobs: int = 1, shard=None,
+        threads: int | None = None) -> dict:
     """Writes OUT/fast-slow/{results.json, report.md, *.png}; finished runs are kept in
     OUT/fast-slow/runs/ (an interrupted study resumes; shards add up). With ``shard`` it trains
     only that shard's units and returns a summary instead of writing the report."""
     setting = setting or (QUICK if quick else FULL)
-    execution = Execution.make(device, jobs, shard)
+    execution = Execution.make(device, jobs, shard, threads)
     corpus = default_corpus(data_dir)
     study_dir = Path(out) / "fast-slow"
     started = time.perf_counter()

@@ -9,6 +9,7 @@ import numpy as np
 from routemem.experiments.fast_slow import theorem as fast_slow_theorem
 from routemem.experiments.shared.common import invocation_text, markdown_table, summarize
 from routemem.experiments.fast_slow.claims import COST_RATIO, OPEN_SHARE, finished
+from routemem.experiments.fast_slow.tasks import topic_levels
 
 ARMS = ("dense", "coupled", "frozen")
 
@@ -47,6 +48,20 @@ def _arm_rows(runs: list[dict], tokens: int, window: int | None, task: str) -> l
     return rows
 
 
+def topic_undertrained_text(runs: list[dict], tokens: int, window: int, levels: dict, mode: str) -> list[str]:
+    """A sentence when every arm's mean val loss on the topic task is above the one-token level:
+    then no arm learnt even what the current token alone tells, so the control says nothing about
+    the slow path (the runs are undertrained)."""
+    means = {arm: summarize([r["metrics"]["val_loss"] for r in done])["mean"]
+             for arm in ARMS if (done := finished(runs, arm, tokens, window, "topics"))}
+    if not means or min(means.values()) <= levels["one_token"]:
+        return []
+    budget = f" (quick mode's topic budget is {tokens:,} tokens)" if mode == "quick" else ""
+    return ["", f"In this setting no arm reached even the one-token level: every arm's val loss is above "
+                f"{levels['one_token']:.3f} (the lowest arm mean is {min(means.values()):.3f}), so the models are "
+                f"undertrained{budget} and this control cannot show what the slow path adds."]
+
+
 def report(results: dict, setting) -> str:
     runs, cost, theorem = results["runs"], results["cost"], results["theorem"]
     diverged = [r for r in runs if "diverged" in r]
@@ -57,7 +72,7 @@ def report(results: dict, setting) -> str:
         f"{setting.n_head} heads, context {setting.seq_len}, block P = {setting.block} (eps = 1/{setting.block}), "
         f"batch {setting.batch_size}, lr {setting.lr:g} (warmup + cosine), seeds {list(setting.seeds)}. "
         f"The runs took {sum(r.get('seconds', 0.0) for r in runs) / 60:.0f} min of training; this invocation "
-        f"{invocation_text(results, 'runs')}" + (", bf16 autocast." if results["execution"].get("bf16") else ", float32."),
+        f"{invocation_text(results)}" + (", bf16 autocast." if results["execution"].get("bf16") else ", float32."),
         "",
         *(["Quick mode is a smoke test of the whole pipeline: its budgets are far too small to decide the "
             "claims; the full run decides them.", ""] if results["mode"] == "quick" else []),
@@ -90,6 +105,8 @@ def report(results: dict, setting) -> str:
                       "the current token.", ""]
         lines += [markdown_table(["arm", "runs", "val loss", "gate rms", "slow share", "train tokens/s"],
                                  _arm_rows(runs, tokens, window, task))]
+        if task == "topics":
+            lines += topic_undertrained_text(runs, tokens, window, levels, results["mode"])
     step = cost["step_seconds"]
     lines += [
         "",
@@ -111,8 +128,9 @@ def report(results: dict, setting) -> str:
         "",
         f"Log-log slope {theorem['slope']:.3f} (linear in eps is 1): {theorem['verdict']}.",
         "",
-        "Plots: `gate.png` (gate rms and slow share vs step, per layer and arm; seeds overlaid), `val_loss.png` (val loss along training), "
-        "`eps_slope.png` (the theorem).",
+        "Plots: `gate.png` (gate rms and slow share vs step, per layer and arm; seeds overlaid; the dotted line "
+        f"is the slow share {OPEN_SHARE} at which the gate counts as open), `val_loss.png` (val loss along "
+        "training; on the topic panel the one-token and topic-known levels), `eps_slope.png` (the theorem).",
     ]
     if diverged:
         lines += ["", "Diverged runs: " + ", ".join(f"{r['arm']} {r['tokens']} seed {r['seed']}" for r in diverged)]
@@ -125,8 +143,11 @@ def plots(study_dir: Path, setting, runs: list[dict], theorem: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.lines import Line2D
+
     groups = configurations(setting)
     colors = {"dense": "tab:gray", "coupled": "tab:blue", "frozen": "tab:orange"}
+    styles = ("-", "--", "-.", (0, (1, 1)))  # per layer; the threshold line alone is dotted black
 
     fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 6.4), squeeze=False)
     for ax, share_ax, (title, tokens, window, task) in zip(axes[0], axes[1], groups):
@@ -135,17 +156,21 @@ def plots(study_dir: Path, setting, runs: list[dict], theorem: dict) -> None:
                 rms = np.array(r["gate_trace"]["rms"])
                 for layer in range(rms.shape[1] if rms.ndim == 2 else 0):
                     ax.plot(r["gate_trace"]["step"], rms[:, layer], color=colors[arm], alpha=0.6,
-                            linestyle=("-", "--", ":", "-.")[layer % 4],
-                            label=f"{arm} layer {layer}" if r["seed"] == setting.seeds[0] else None)
+                            linestyle=styles[layer % len(styles)])
                 share = np.array(r["curve"]["slow_share"])
                 for layer in range(share.shape[1] if share.ndim == 2 else 0):
                     share_ax.plot(r["curve"]["step"], share[:, layer], color=colors[arm], alpha=0.6,
-                                  linestyle=("-", "--", ":", "-.")[layer % 4], marker="o", ms=2)
+                                  linestyle=styles[layer % len(styles)], marker="o", ms=2)
         ax.set(title=title, xlabel="step", ylabel="gate rms")
         share_ax.axhline(OPEN_SHARE, color="k", lw=0.8, ls=":")
         share_ax.set(xlabel="step", ylabel="slow share of the mixer output")
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
+    # one legend for every panel: the colour is the arm, the line style the layer (seeds overlaid)
+    handles = [Line2D([], [], color=colors[arm], label=arm) for arm in ("coupled", "frozen")]
+    handles += [Line2D([], [], color="k", alpha=0.6, linestyle=styles[layer % len(styles)], label=f"layer {layer}")
+                for layer in range(setting.n_layer)]
+    handles += [Line2D([], [], color="k", lw=0.8, ls=":", label=f"gate open: slow share >= {OPEN_SHARE} (OPEN_SHARE)")]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(study_dir / "gate.png", dpi=120)
     plt.close(fig)
 
@@ -157,8 +182,14 @@ def plots(study_dir: Path, setting, runs: list[dict], theorem: dict) -> None:
                 curves = np.array([r["curve"]["val_loss"] for r in done])
                 ax.plot(done[0]["curve"]["step"], curves.mean(0), color=colors[arm], marker="o", ms=3, label=arm)
                 ax.fill_between(done[0]["curve"]["step"], curves.min(0), curves.max(0), color=colors[arm], alpha=0.2)
+        if task == "topics":  # the task's two reference losses, computed from the setting as the study does
+            levels = topic_levels(setting)
+            ax.axhline(levels["one_token"], color="k", lw=0.8, ls="--",
+                       label=f"best seeing one token ({levels['one_token']:.3f})")
+            ax.axhline(levels["topic_known"], color="k", lw=0.8, ls=":",
+                       label=f"best knowing the topic ({levels['topic_known']:.3f})")
         ax.set(title=title, xlabel="step", ylabel="val loss (nats/token)")
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(study_dir / "val_loss.png", dpi=120)
     plt.close(fig)

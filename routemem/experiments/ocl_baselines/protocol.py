@@ -10,7 +10,9 @@ streams online from that backbone, one pass, batches of 10, no task ids at test 
     digits   scikit-learn's 1797 handwritten digits (a real-image domain shift), 10 classes; skipped,
              with a note in the report, where scikit-learn is not installed
 
-Methods: linear-probe, finetune, er, l2p, dualprompt, coda-prompt with their documented defaults.
+Methods: linear-probe, finetune, er, l2p, dualprompt, coda-prompt with their documented defaults, and
+linear-probe-task: the linear probe trained with the current-task loss mask (``train_mask="task"``,
+the prompt methods' convention), so the table shows what the mask alone is worth.
 Metrics (train/continual/metrics.py): final average accuracy, average incremental accuracy,
 forgetting, backward transfer, A_auc, the accuracy matrix and the anytime-accuracy curve.
 
@@ -26,20 +28,19 @@ method, seed); every stream unit loads the backbone the first unit wrote.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from routemem.experiments.ocl_baselines import report as ocl_report
 from routemem.experiments.ocl_baselines.claims import claims
-from routemem.experiments.shared.common import RunCache, write_outputs
+from routemem.experiments.shared.cache import RunCache, run_key
+from routemem.experiments.shared.common import write_outputs
 from routemem.experiments.shared.runner import Execution, Unit, run_units
-from routemem.experiments.shared.vit_stream import (  # the backbone and stream runner; Setting, QUICK, FULL
-    FULL,
-    METHODS,
+from routemem.experiments.shared import vit_stream
+from routemem.experiments.shared.vit_stream import (  # the backbone and stream runner; Setting
     PROMPT_METHODS,
-    QUICK,
     STREAMS,
     Setting,
     digits_available,
@@ -51,8 +52,17 @@ from routemem.experiments.shared.vit_stream import (  # the backbone and stream 
 )
 from routemem.machine import machine_header
 
-__all__ = ["FULL", "METHODS", "PROMPT_METHODS", "QUICK", "STREAMS", "Setting", "claims", "pretrain_backbone",
-           "run", "stream_unit", "units"]
+__all__ = ["FULL", "METHODS", "PROMPT_METHODS", "QUICK", "STREAMS", "Setting", "VARIANTS", "claims",
+           "pretrain_backbone", "run", "stream_unit", "units"]
+
+# Rows of this study that are a registered method run with other options: row -> (method, options).
+# linear-probe-task trains the probe's loss over the current task's classes only, the mask of the
+# prompt methods (and rwf), so the table separates what the mask is worth from what prompts add.
+VARIANTS: dict[str, tuple[str, dict]] = {"linear-probe-task": ("linear-probe", {"train_mask": "task"})}
+# the shared baselines (vit_stream.METHODS, rwf's too) plus the variant beside the probe it varies
+METHODS = ("linear-probe", "linear-probe-task", "finetune", "er", "l2p", "dualprompt", "coda-prompt")
+FULL = replace(vit_stream.FULL, methods=METHODS)
+QUICK = replace(vit_stream.QUICK, methods=METHODS)
 
 
 def stream_unit(setting: Setting, stream: str, method_name: str, seed: int, study_dir: str,
@@ -63,26 +73,32 @@ def stream_unit(setting: Setting, stream: str, method_name: str, seed: int, stud
     images = stream_images(setting, stream)
     order = make_stream(images, setting.n_tasks, batch_size=setting.batch_size, seed=seed,
                         test_share=setting.test_share)
-    _, result = learn_stream(setting, study_dir, images, order, method_name, seed, device,
-                             f"{stream} {method_name} seed={seed}")
-    return {"stream": stream, "method": method_name, "seed": seed, "n_classes": images.n_classes,
-            "train_samples": len(order), "images_sha256": images.sha256, **result}
+    base, options = VARIANTS.get(method_name, (method_name, {}))
+    _, result = learn_stream(setting, study_dir, images, order, base, seed, device,
+                             f"{stream} {method_name} seed={seed}", **options)
+    return {"stream": stream, "seed": seed, "n_classes": images.n_classes, "train_samples": len(order),
+            "images_sha256": images.sha256, **result,
+            "method": method_name, "base_method": base}  # the row, not run_stream's method name, names the run
 
 
 # --- the study -------------------------------------------------------------------------------
 
 
 def units(setting: Setting, study_dir: Path, streams: tuple[str, ...], device: torch.device) -> list[Unit]:
-    return [Unit(f"{stream}-{method}-seed{seed}", stream_unit, (setting, stream, method, seed, str(study_dir), device.type))
+    # a run reads its own stream, method and seed; the backbone's fields are in its key with the rest
+    grid = ("streams", "methods", "seeds")
+    return [Unit(f"{stream}-{method}-seed{seed}", stream_unit, (setting, stream, method, seed, str(study_dir), device.type),
+                 run_key(setting, grid, stream=stream, method=method, seed=seed))
             for stream in streams for method in setting.methods for seed in setting.seeds]
 
 
 def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Setting | None = None,
-        device: str | torch.device = "auto", jobs: int = 1, shard=None) -> dict:
+        device: str | torch.device = "auto", jobs: int = 1, shard=None,
+        threads: int | None = None) -> dict:
     """Writes OUT/ocl-baselines/{results.json, report.md, *.png}; the backbone and finished runs
     are kept in OUT/ocl-baselines/runs/ (resumable; shards add up after the backbone exists)."""
     setting = setting or (QUICK if quick else FULL)
-    execution = Execution.make(device, jobs, shard)
+    execution = Execution.make(device, jobs, shard, threads)
     study_dir = Path(out) / "ocl-baselines"
     started = time.perf_counter()
     streams = tuple(s for s in setting.streams if s != "digits" or digits_available())

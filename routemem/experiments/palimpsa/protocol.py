@@ -15,7 +15,7 @@ Every run records whether it left the "answer with some value seen in the contex
 (``palimpsa_claims.left_plateau``), so the report separates optimisation failures from capacity
 limits. Claims and their rules are in ``routemem.experiments.palimpsa_claims``:
 1. metaplastic beats non-metaplastic on MQAR at the decisive test cells: palimpsa vs gla and
-   meta_mamba2 vs mamba2 (disjoint mean +- std, or a one-sided paired sign test over seeds);
+   meta_mamba2 vs mamba2 (disjoint mean ± std, or a one-sided paired sign test over seeds);
 2. the special cases reduce: beta = 0 gives GLA with v / I_prior exactly, and the gap to that limit
    shrinks monotonically as I_prior grows (measured on the ops);
 3. on the overwrite variant, metaplasticity improves the balance of stability (keys bound once)
@@ -39,7 +39,8 @@ from routemem.errors import TrainingDiverged, UserError
 from routemem.experiments.palimpsa import checks as palimpsa_checks
 from routemem.experiments.palimpsa import claims as palimpsa_claims
 from routemem.experiments.palimpsa import report as palimpsa_report
-from routemem.experiments.shared.common import RunCache, best_per_seed, write_outputs
+from routemem.experiments.shared.cache import RunCache, run_key
+from routemem.experiments.shared.common import best_per_seed, write_outputs
 from routemem.experiments.shared.runner import Execution, Unit, run_units
 from routemem.machine import machine_header
 from routemem.models import LMConfig, TransformerLM
@@ -231,12 +232,19 @@ def train_one(setting: Setting, mixer: str, lr: float, seed: int, device: str = 
     return run
 
 
+# the setting's grid lists: a run reads only its own mixer, lr, seed (and sweep width), so these
+# stay out of its key (cache.run_key) and adding a value trains only the new runs
+GRID = ("mixers", "lrs", "lr_grid", "seeds", "state_sweep", "state_sweep_seeds", "state_sweep_lrs")
+
+
 def units(setting: Setting, device: torch.device) -> list[Unit]:
     """One unit per (seed, mixer, lr), then per (state-sweep width, seed, mixer, lr): each trains one
     model from scratch, independent of the rest."""
-    main = [Unit(f"{mixer}-lr{lr:g}-seed{seed}", train_one, (setting, mixer, lr, seed, device.type))
+    main = [Unit(f"{mixer}-lr{lr:g}-seed{seed}", train_one, (setting, mixer, lr, seed, device.type),
+                 run_key(setting, GRID, mixer=mixer, lr=lr, seed=seed))
             for seed in setting.seeds for mixer in setting.mixers for lr in setting.lrs_of(mixer)]
-    sweep = [Unit(f"{mixer}-d{d}-lr{lr:g}-seed{seed}", train_one, (setting, mixer, lr, seed, device.type, d))
+    sweep = [Unit(f"{mixer}-d{d}-lr{lr:g}-seed{seed}", train_one, (setting, mixer, lr, seed, device.type, d),
+                  run_key(setting, GRID, mixer=mixer, lr=lr, seed=seed, d_model=d))
              for d in setting.state_sweep if d != setting.d_model for seed in setting.state_sweep_seeds
              for mixer in setting.mixers for lr in (setting.state_sweep_lrs or setting.lrs_of(mixer))]
     return main + sweep
@@ -255,14 +263,15 @@ def pick_setting(quick: bool, setting: Setting | str | None) -> tuple[Setting, s
 
 
 def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Setting | str | None = None,
-        device: str | torch.device = "auto", jobs: int = 1, shard=None) -> dict:
+        device: str | torch.device = "auto", jobs: int = 1, shard=None,
+        threads: int | None = None) -> dict:
     """``routemem reproduce palimpsa [--quick | --setting paper]``: writes OUT/palimpsa/{results.json,
     report.md, *.png}. Each finished run is kept in OUT/palimpsa/runs/, so running the same command
     again after an interruption resumes. With ``shard`` it trains only that shard's runs and returns a
     summary (``{"shard", "trained", "reused", "runs_dir"}``) without writing the report. MQAR is
     synthetic, so ``data_dir`` is unused."""
     setting, mode = pick_setting(quick, setting)
-    execution = Execution.make(device, jobs, shard)
+    execution = Execution.make(device, jobs, shard, threads)
     study_dir = Path(out) / "palimpsa"
     started = time.perf_counter()
     cache = RunCache(study_dir / "runs", asdict(setting))

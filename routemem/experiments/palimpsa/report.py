@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from routemem.experiments.shared.common import invocation_text, markdown_table, summarize
-from routemem.experiments.palimpsa.claims import decisive_accuracy
+from routemem.experiments.palimpsa.claims import STALLED_BELOW, decisive_accuracy, plateau_state
+
+OFF_PLATEAU = {"off": "yes", "stalled": "stalled", "on": "no"}  # the "off plateau" column of every run
 
 
 def _cell(runs: list[dict], key: str) -> str:
@@ -49,6 +51,7 @@ def report(results: dict, setting, chosen: dict[str, list[dict]], sweep: dict[st
     grid_keys = [f"acc_L{s}_kv{p}" for s, p in setting.test_grid]
     chance = results["chance_accuracy"]
     regime, plateau = results["regime"], results["plateau"]
+    stalled_below = plateau.get("stalled_below", STALLED_BELOW)
     filler = "random tokens" if setting.random_filler else "zeros (the authors' MQAR data, zoology's random_non_queries=False)"
     cells = ", ".join(f"L{s} kv{p}" for s, p in setting.decisive_cells)
     attention = regime["decisive_accuracy"].get("attention", {"mean": float("nan"), "n": 0})
@@ -60,7 +63,7 @@ def report(results: dict, setting, chosen: dict[str, list[dict]], sweep: dict[st
         f"queries: {filler}. {setting.steps} steps of {setting.batch_size} sequences ({setting.warmup_steps} "
         f"warmup) on the round-robin tasks (seq_len, kv pairs, re-bound) {list(setting.train_tasks)}; "
         f"{_lr_text(setting)}; seeds {list(setting.seeds)}; {setting.n_test} test sequences per setting. "
-        f"This invocation: {invocation_text(results, 'runs')}.",
+        f"This invocation: {invocation_text(results)}.",
         "",
         "## Claims",
         "",
@@ -79,11 +82,14 @@ def report(results: dict, setting, chosen: dict[str, list[dict]], sweep: dict[st
         f"({'at' if regime['attention_at_ceiling'] else '**below**'} the {regime['attention_ceiling']} ceiling "
         "this study asks of its regime). A run *left the plateau* (answering with some value seen in the "
         f"context, accuracy 1/kv) when its validation accuracy on the easiest cell L{plateau['cell'][0]} "
-        f"kv{plateau['cell'][1]} is at least {plateau['threshold']}: a run below it failed to optimise; one "
-        "above it that still misses the decisive cells is limited by its state.",
+        f"kv{plateau['cell'][1]} is at least {plateau['threshold']}: a run below it failed to optimise. One "
+        f"that left it but scores below {stalled_below} on that cell *stalled*: the cell is far inside every "
+        "mixer's state, so it stopped learning short of it (an optimisation failure too). One that solved "
+        "the cell but still misses the decisive cells is limited by its state.",
         "",
-        markdown_table(["mixer (width)", "decisive-cell accuracy (chosen runs)", "runs off the plateau (every lr)"],
-                       [[key, _decisive_cell(regime, key, setting), f"{row['left']} / {row['runs']}"]
+        markdown_table(["mixer (width)", "decisive-cell accuracy (chosen runs)",
+                        "runs off the plateau (every lr; of them stalled)"],
+                       [[key, _decisive_cell(regime, key, setting), _left_text(row)]
                         for key, row in plateau["counts"].items()]),
         "",
         "## Recall accuracy (test; mean ± std over seeds)",
@@ -127,13 +133,18 @@ def report(results: dict, setting, chosen: dict[str, list[dict]], sweep: dict[st
         markdown_table(["mixer", "d_model", "lr", "seed", "final loss", "off plateau", "val grid mean",
                         "test grid mean", "seconds"],
                        [[r["arm"], r.get("d_model", setting.d_model), f"{r['lr']:g}", r["seed"],
-                         r.get("final_loss", "diverged"), "yes" if r.get("left_plateau") else "no",
+                         r.get("final_loss", "diverged"), OFF_PLATEAU[plateau_state(r, setting)],
                          r["val"]["grid_mean"] if "val" in r else "-",
                          r["metrics"]["grid_mean"] if "metrics" in r else "-", round(r["seconds"], 1)]
                         for r in results["runs"]]),
         "",
     ]
     return "\n".join(lines)
+
+
+def _left_text(row: dict) -> str:
+    """"left / runs", and how many of those stalled when any did."""
+    return f"{row['left']} / {row['runs']}" + (f" ({row['stalled']} stalled)" if row.get("stalled") else "")
 
 
 def _decisive_cell(regime: dict, key: str, setting) -> str:

@@ -52,8 +52,10 @@ import torch
 from routemem.experiments.shared import vit_stream
 from routemem.experiments.rwf import claims as rwf_claims
 from routemem.experiments.rwf import report as rwf_report
-from routemem.experiments.shared.common import RunCache, write_outputs
-from routemem.experiments.shared.vit_stream import (
+from routemem.experiments.shared.cache import RunCache, run_key
+from routemem.experiments.shared.common import write_outputs
+from routemem.experiments.shared.vit_stream import (  # BACKBONE_FIELDS: what pretrain_backbone reads
+    BACKBONE_FIELDS,
     backbone_path,
     digits_available,
     ensure_backbone,
@@ -94,9 +96,6 @@ class Setting(vit_stream.Setting):
     diagnostic_samples: int = 200  # about this many test images (>= 2 a class) for the retrieval diagnostics
 
 
-# every field pretrain_backbone reads: equal fields, the same (seeded) backbone
-BACKBONE_FIELDS = ("d_model", "n_layer", "n_head", "patch_size", "image_size", "pretrain_steps", "pretrain_batch",
-                   "pretrain_lr", "pretrain_samples", "pretrain_classes")
 # 10 anytime evaluations, not ocl-baselines' 20: each evaluates every test image of the classes seen
 # so far (a forward, ~6 ms an image on the full ViT, one thread), so with 20 the evaluations of the
 # glyph stream (12k forwards a run) cost twice its training (4k steps of 5-26 ms) and the full study
@@ -221,17 +220,22 @@ def units(setting: Setting, study_dir: Path, streams: tuple[str, ...], device: t
     arms = [(stream, method) for stream in streams for method in setting.methods]
     if ABLATION_STREAM in streams:
         arms += [(ABLATION_STREAM, arm) for arm in ablation_arms(setting)[0]]
+    # a run reads its own stream, arm (an ablation's options follow from its name and n_layer) and
+    # seed; the backbone's and the streams' fields are in its key with the rest
+    grid = ("streams", "methods", "ablations", "seeds")
     return [Unit(f"{stream}-{arm.replace(':', '-')}-seed{seed}", stream_unit,
-                 (setting, stream, arm, seed, str(study_dir), device.type))
+                 (setting, stream, arm, seed, str(study_dir), device.type),
+                 run_key(setting, grid, stream=stream, arm=arm, seed=seed))
             for stream, arm in arms for seed in setting.seeds]
 
 
 def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Setting | None = None,
-        device: str | torch.device = "auto", jobs: int = 1, shard=None) -> dict:
+        device: str | torch.device = "auto", jobs: int = 1, shard=None,
+        threads: int | None = None) -> dict:
     """Writes OUT/rwf/{results.json, report.md, *.png}; the backbone and finished runs are kept in
     OUT/rwf/runs/ (resumable; shards add up after the backbone exists)."""
     setting = setting or (QUICK if quick else FULL)
-    execution = Execution.make(device, jobs, shard)
+    execution = Execution.make(device, jobs, shard, threads)
     study_dir = Path(out) / "rwf"
     started = time.perf_counter()
     streams = tuple(s for s in setting.streams if s != "digits" or digits_available())

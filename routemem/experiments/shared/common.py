@@ -1,6 +1,6 @@
 """What every study shares: mean/std summaries, the verdict rule for a
-directional claim, writing results.json / report.md atomically (the results format in docs/architecture.md), and
-the per-run cache that lets a long study resume after an interruption."""
+directional claim, and writing results.json / report.md atomically (the results format in
+docs/architecture.md). The per-run cache lives in cache.py (``RunCache`` is importable from here too)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from routemem.experiments.shared.cache import RunCache  # noqa: F401  (its old home: old imports work)
+from routemem.experiments.shared.cache import json_default as _jsonable
 from routemem.fileio import write_text_atomic
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
@@ -26,14 +28,14 @@ def summarize(values: list[float]) -> dict:
 
 def directional_verdict(ours: dict, baseline: dict, higher_is_better: bool = True) -> tuple[str, str]:
     """The rule for "ours beats baseline": reproduced when the means differ in the paper's direction
-    and the mean +- std intervals do not overlap; not reproduced when they differ the other way
+    and the mean ± std intervals do not overlap; not reproduced when they differ the other way
     without overlap; inconclusive otherwise, and always with fewer than two seeds per side."""
     if min(ours["n"], baseline["n"]) < 2:
         return INCONCLUSIVE, f"n={min(ours['n'], baseline['n'])} seed(s): one seed cannot separate an effect from noise"
     sign = 1.0 if higher_is_better else -1.0
     gap = sign * (ours["mean"] - baseline["mean"])
     spread = ours["std"] + baseline["std"]
-    text = f"{ours['mean']:.3f}+-{ours['std']:.3f} vs {baseline['mean']:.3f}+-{baseline['std']:.3f}"
+    text = f"{ours['mean']:.3f} ± {ours['std']:.3f} vs {baseline['mean']:.3f} ± {baseline['std']:.3f}"
     if gap > spread:
         return REPRODUCED, f"{text}: in the paper's direction, intervals disjoint"
     if -gap > spread:
@@ -68,64 +70,6 @@ def write_outputs(study_dir: Path, results: dict, report: str) -> None:
     study_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(study_dir / "results.json", json.dumps(results, indent=2, default=_jsonable))
     write_text_atomic(study_dir / "report.md", report)
-
-
-class RunCache:
-    """Finished runs of a study, one JSON file per run under ``folder``, so that an interrupted
-    study resumes where it stopped instead of starting over (the full studies take hours on a CPU),
-    and the shards of a job array (``--shard``) add up to the whole study.
-
-    A file is reused only if it was written for the same ``setting`` (any JSON-able description of
-    everything that sizes the run); otherwise the run is trained again and the file replaced. Each
-    file also keeps the machine header of where its run was trained (``env``): the device is not
-    part of the setting, so one study may gather runs from several machines."""
-
-    def __init__(self, folder: Path, setting: dict):
-        self.folder = Path(folder)
-        self.setting = json.loads(json.dumps(setting, default=_jsonable))  # tuples -> lists
-        self.reused = 0
-        self.envs: dict[str, dict] = {}  # name -> machine header of the run's trainer
-
-    def get(self, name: str):
-        """The cached run called ``name`` if it was written for this setting, else None."""
-        try:
-            cached = json.loads((self.folder / f"{name}.json").read_text())
-            if cached.get("setting") == self.setting:
-                self.reused += 1
-                self.envs[name] = cached.get("env") or {}
-                return cached["run"]
-        except (OSError, ValueError, AttributeError, KeyError):
-            pass  # missing or unreadable: train it
-        return None
-
-    def put(self, name: str, run, env: dict | None = None):
-        """Store ``run``; returns it as a later ``get`` will (JSON types: lists, not tuples)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"setting": self.setting, "env": env or {}, "run": run}, default=_jsonable)
-        write_text_atomic(self.folder / f"{name}.json", text)
-        self.envs[name] = env or {}
-        return json.loads(text)["run"]
-
-    def get_or_run(self, name: str, train: Callable[[], dict]) -> dict:
-        cached = self.get(name)
-        return cached if cached is not None else self.put(name, train())
-
-    def trained_on(self) -> list[dict]:
-        """The distinct machines (device, CPU, GPU, commit) that trained the runs seen, with counts."""
-        keys = ("device", "cpu", "gpu", "git_commit", "threads", "jobs")
-        machines: dict[tuple, dict] = {}
-        for env in self.envs.values():
-            row = {k: env.get(k) for k in keys}
-            machines.setdefault(tuple(row.values()), {**row, "runs": 0})["runs"] += 1
-        return list(machines.values())
-
-
-def _jsonable(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -169,10 +113,11 @@ def where_trained(results: dict) -> str:
     return text
 
 
-def invocation_text(results: dict, units: str = "units") -> str:
-    """The reports' "X min (N units reused from the cache), on <machines>": this invocation's wall
+def invocation_text(results: dict) -> str:
+    """The reports' "X min (N runs reused from the cache), on <machines>": this invocation's wall
     time, which is not the study's once runs come from the cache (an interrupted run, shards)."""
-    return (f"{results['seconds'] / 60:.1f} min ({results['runs_reused']} {units} reused from the cache), "
+    reused = results["runs_reused"]
+    return (f"{results['seconds'] / 60:.1f} min ({reused} run{'' if reused == 1 else 's'} reused from the cache), "
             f"on {where_trained(results)}")
 
 

@@ -1,16 +1,19 @@
 """Running a study's independent units of work where the user asked: in this process, in N worker
 processes on one machine (``--jobs N``), or one shard of them for a cluster job array
-(``--shard I/N``). Every finished unit goes into the study's ``RunCache``, so the runs of several
-invocations (an interrupted one, or the shards of a job array) add up, and a last plain
+(``--shard I/N``). Every finished unit goes into the study's ``RunCache`` under its key (what its
+run depends on, cache.py), so the runs of several invocations (an interrupted one, the shards of a
+job array, or a smaller setting of the same study) add up, and a last plain
 ``reproduce`` assembles the report from them.
 
 Determinism: a unit seeds everything it draws, so where it runs does not change what it computes;
-only the number of CPU threads can (float sums are split differently), which is why ``--jobs N``
-gives each worker the same share of threads (see ``threads_per_job``).
+only the number of CPU threads can (float sums are split differently), which is why every run of
+an execution gets the same number of threads: ``threads`` per run when given (the CLI's
+``--threads``, default 1), else a fair share of this process's threads (``threads_per_job``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -23,7 +26,7 @@ from tqdm import tqdm as std_tqdm
 from tqdm.auto import tqdm
 
 from routemem.errors import UserError
-from routemem.experiments.shared.common import RunCache
+from routemem.experiments.shared.cache import RunCache
 from routemem.machine import machine_header, resolve_device
 
 
@@ -35,6 +38,7 @@ class Unit:
     name: str  # the run cache's file name, unique within the study
     fn: Callable
     args: tuple
+    key: dict | None = None  # what its run depends on (cache.run_key); None: the whole study setting
 
 
 @dataclass(frozen=True)
@@ -59,14 +63,34 @@ class Shard:
         return position % self.count == self.index
 
 
-def parse_jobs(text: str | int) -> int:
+def _at_least_one(text: str | int, option: str) -> int:
     try:
-        jobs = int(text)
+        number = int(text)
     except ValueError:
-        jobs = 0
-    if jobs < 1:
-        raise UserError(f"--jobs must be a whole number >= 1, got '{text}'")
-    return jobs
+        number = 0
+    if number < 1:
+        raise UserError(f"{option} must be a whole number >= 1, got '{text}'")
+    return number
+
+
+def parse_jobs(text: str | int) -> int:
+    return _at_least_one(text, "--jobs")
+
+
+def parse_threads(text: str | int) -> int:
+    return _at_least_one(text, "--threads")
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Run the body on ``threads`` intra-op threads (None: leave them), then restore the count."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def threads_per_job(jobs: int, total: int | None = None) -> int:
@@ -82,12 +106,17 @@ class Execution:
     device: torch.device = field(default_factory=lambda: resolve_device("auto"))
     jobs: int = 1
     shard: Shard | None = None
+    threads: int | None = None  # CPU threads per run; None: a fair share of this process's
 
     @classmethod
     def make(cls, device: str | torch.device = "auto", jobs: int | str = 1,
-             shard: Shard | str | None = None) -> Execution:
+             shard: Shard | str | None = None, threads: int | str | None = None) -> Execution:
         shard = Shard.parse(shard) if isinstance(shard, str) else shard
-        return cls(resolve_device(device), parse_jobs(jobs), shard)
+        return cls(resolve_device(device), parse_jobs(jobs), shard, None if threads is None else parse_threads(threads))
+
+    @property
+    def run_threads(self) -> int:
+        return self.threads or threads_per_job(self.jobs)
 
 
 @dataclass
@@ -118,19 +147,20 @@ def run_units(units: list[Unit], cache: RunCache, execution: Execution, label: s
     if len(set(names)) != len(names):
         raise ValueError("unit names must be unique")
     share = share_of(units, execution.shard)
-    records = {u.name: cache.get(u.name) for u in share}
+    records = {u.name: cache.get(u.name, u.key) for u in share}
+    cache.warn_outdated()
     missing = [u for u in share if records[u.name] is None]
-    env = {**machine_header(execution.device), "jobs": execution.jobs}
+    env = {**machine_header(execution.device), "jobs": execution.jobs, "threads": execution.run_threads}
     bar = tqdm(total=len(share), bar_format=label + " {n_fmt}/{total_fmt} |{bar:20}| {elapsed}<{remaining}",
                initial=len(share) - len(missing), dynamic_ncols=True)
     try:
         if execution.jobs == 1 or len(missing) <= 1:
-            for unit in missing:
-                records[unit.name] = cache.put(unit.name, unit.fn(*unit.args), env)
-                bar.update()
+            with torch_threads(execution.run_threads):
+                for unit in missing:
+                    records[unit.name] = cache.put(unit.name, unit.fn(*unit.args), env, unit.key)
+                    bar.update()
         else:
-            _in_workers(missing, cache, execution, {**env, "threads": threads_per_job(execution.jobs)},
-                        records, bar)
+            _in_workers(missing, cache, execution, env, records, bar)
     finally:
         bar.close()
     return Outcome(records, trained=len(missing), reused=len(share) - len(missing))
@@ -144,10 +174,11 @@ def _in_workers(missing: list[Unit], cache: RunCache, execution: Execution, env:
     # on Ctrl-C nothing goes on running, and the units finished so far stay cached.
     context = multiprocessing.get_context("spawn")
     workers = min(execution.jobs, len(missing))
-    pool = context.Pool(workers, initializer=_start_worker, initargs=(threads_per_job(execution.jobs),))
+    pool = context.Pool(workers, initializer=_start_worker, initargs=(execution.run_threads,))
+    keys = {u.name: u.key for u in missing}  # the workers send back names and records
     try:
         for name, record in pool.imap_unordered(_run_unit, missing):
-            records[name] = cache.put(name, record, env)
+            records[name] = cache.put(name, record, env, keys[name])
             bar.update()
         pool.close()
     finally:

@@ -13,6 +13,23 @@ METRICS = (("final_average_accuracy", "final acc"), ("average_incremental_accura
            ("forgetting", "forgetting"), ("backward_transfer", "BWT"), ("a_auc", "A_auc"))
 
 
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def method_styles(methods) -> dict[str, dict]:
+    """Each method's anytime curve: its own colour, marker (hollow) and line style, and a line width
+    and marker size that shrink along the list while the drawing order rises. Methods whose curves
+    coincide (the same accuracies) then still all show: a thinner line drawn over a wider one,
+    markers of other shapes and sizes on the same points. Nothing moves a point off its value."""
+    last = max(len(methods) - 1, 1)
+    return {m: {"color": f"C{i % 10}", "marker": MARKERS[i % len(MARKERS)],
+                "linestyle": LINESTYLES[i % len(LINESTYLES)],
+                "lw": 1.0 + 3.0 * (last - i) / last, "ms": 3.5 + 6.0 * (last - i) / last, "mfc": "none",
+                "alpha": 0.85, "zorder": 2 + i}
+            for i, m in enumerate(methods)}
+
+
 def stats_text(values: list, digits: int = 3) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -61,13 +78,14 @@ def plots(study_dir: Path, setting, runs: list[dict], streams) -> None:
     fig.savefig(study_dir / "accuracy_matrices.png", dpi=110)
     plt.close(fig)
 
+    styles = method_styles(methods)
     fig, axes = plt.subplots(1, len(streams), figsize=(5.2 * len(streams), 3.6), squeeze=False)
     for ax, stream in zip(axes[0], streams):
         for method in methods:
             done = of(runs, stream, method)
             if done:
                 curves = np.array([r["anytime_accuracy"] for r in done], dtype=float)
-                ax.plot(done[0]["anytime_samples"], curves.mean(0), marker="o", ms=2, label=method)
+                ax.plot(done[0]["anytime_samples"], curves.mean(0), label=method, **styles[method])
         ax.set(title=f"{stream} stream", xlabel="stream samples seen", ylabel="accuracy on seen classes", ylim=(0, 1))
         ax.legend(fontsize=7)
     fig.tight_layout()

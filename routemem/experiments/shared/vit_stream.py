@@ -2,9 +2,9 @@
 backbone (pretrained once on the glyph source's pretraining classes, ``routemem pretrain-vit``'s
 protocol) and the runner that makes a method learn one stream online from it.
 
-``Setting`` holds the backbone's and the streams' sizes; ``QUICK`` and ``FULL`` are the
-ocl-baselines study's, which rwf extends (its backbone fields must stay equal, so rwf can reuse
-the ocl-baselines backbone).
+``Setting`` holds the backbone's and the streams' sizes; ``QUICK`` and ``FULL`` are the base that
+both studies extend with their own methods (their ``BACKBONE_FIELDS`` must stay equal, so rwf can
+reuse the ocl-baselines backbone).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from routemem.errors import DataError
-from routemem.experiments.shared.common import RunCache
+from routemem.experiments.shared.cache import RunCache, run_key
 from routemem.experiments.shared.runner import Execution, Unit, run_units
 
 METHODS = ("linear-probe", "finetune", "er", "l2p", "dualprompt", "coda-prompt")
@@ -62,13 +62,20 @@ def backbone_path(study_dir: Path) -> Path:
     return Path(study_dir) / "runs" / "backbone-vit.safetensors"
 
 
+# every field pretrain_backbone reads: the backbone unit's key, so a study that grows (a seed, a
+# method) or changes only its streams keeps its backbone (rwf compares the same fields to borrow one)
+BACKBONE_FIELDS = ("d_model", "n_layer", "n_head", "patch_size", "image_size", "pretrain_steps", "pretrain_batch",
+                   "pretrain_lr", "pretrain_samples", "pretrain_classes")
+
+
 def ensure_backbone(setting, study_dir: Path, cache: RunCache, execution: Execution, pretrain=None):
     """The study's backbone unit: reused when the cache has its record and its weights, else
     trained with ``pretrain`` (default ``pretrain_backbone``) in this process, never sharded (every
     stream unit loads it). Returns run_units' Outcome."""
     if not backbone_path(study_dir).exists():
         (Path(study_dir) / "runs" / "backbone.json").unlink(missing_ok=True)  # a record without its weights
-    unit = Unit("backbone", pretrain or pretrain_backbone, (setting, str(study_dir), execution.device.type))
+    unit = Unit("backbone", pretrain or pretrain_backbone, (setting, str(study_dir), execution.device.type),
+                run_key({field: getattr(setting, field) for field in BACKBONE_FIELDS}))
     outcome = run_units([unit], cache, replace(execution, shard=None, jobs=1), label="backbone")
     if not backbone_path(study_dir).exists():
         raise DataError(f"the backbone {backbone_path(study_dir)} is missing; delete {Path(study_dir) / 'runs'} and rerun")

@@ -61,15 +61,18 @@ def setting_fingerprint(name: str, quick: bool) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def study_command(name: str, out: Path, quick: bool, data_dir: str | None, device: str, jobs: int) -> str:
+def study_command(name: str, out: Path, quick: bool, data_dir: str | None, device: str, jobs: int,
+                  threads: int | None = None) -> str:
     """The single ``routemem reproduce`` command that does what ``all`` does for this study."""
     argv = ["routemem", "reproduce", name] + (["--quick"] if quick else []) + ["--out", str(out)]
     argv += (["--data-dir", data_dir] if data_dir else []) + ["--device", str(device), "--jobs", str(jobs)]
+    argv += ["--threads", str(threads)] if threads is not None else []
     return shlex.join(argv)
 
 
-def suite_command(out: Path, quick: bool, data_dir: str | None, device: str, jobs: int, force: bool) -> str:
-    return study_command("all", out, quick, data_dir, device, jobs) + (" --force" if force else "")
+def suite_command(out: Path, quick: bool, data_dir: str | None, device: str, jobs: int, force: bool,
+                  threads: int | None = None) -> str:
+    return study_command("all", out, quick, data_dir, device, jobs, threads) + (" --force" if force else "")
 
 
 def data_folder(data_dir: str | None) -> str | None:
@@ -121,17 +124,18 @@ def check_out(out: Path) -> None:
 
 
 def run_study(name: str, out: Path, quick: bool, data_dir: str | None, device: str, jobs: int,
-              force: bool) -> dict:
+              force: bool, threads: int | None = None) -> dict:
     """Run one study as ``routemem reproduce <name>`` would; its manifest entry, complete or failed."""
     if force:
         shutil.rmtree(out / name / "runs", ignore_errors=True)  # the study's run cache: retrain every run
     entry = {"mode": "quick" if quick else "full", "fingerprint": setting_fingerprint(name, quick),
              "data_dir": data_folder(data_dir),
-             "command": study_command(name, out, quick, data_dir, device, jobs),
+             "command": study_command(name, out, quick, data_dir, device, jobs, threads),
              "results": f"{name}/results.json", "started": now()}
     clock = time.perf_counter()
     try:
-        experiments.STUDIES[name](out=out, quick=quick, data_dir=data_dir, device=device, jobs=jobs, shard=None)
+        experiments.STUDIES[name](out=out, quick=quick, data_dir=data_dir, device=device, jobs=jobs, shard=None,
+                                  threads=threads)
         entry["status"] = COMPLETE
     except Exception as err:  # noqa: BLE001  a failed study must not cost the others; Ctrl-C still stops the suite
         entry.update(status=FAILED, error=error_record(err))
@@ -140,13 +144,14 @@ def run_study(name: str, out: Path, quick: bool, data_dir: str | None, device: s
 
 
 def run_suite(out: str | Path, quick: bool = False, data_dir: str | None = None, device: str = "auto",
-              jobs: int = 1, force: bool = False) -> dict:
+              jobs: int = 1, force: bool = False, threads: int | None = None) -> dict:
     """Run (or reuse) every study into ``out`` and return the manifest (also in ``out/suite.json``).
     The reports are written by ``suite_report`` / ``suite_html`` from that manifest."""
-    from routemem.experiments.shared.runner import parse_jobs
+    from routemem.experiments.shared.runner import parse_jobs, parse_threads
     from routemem.machine import resolve_device
 
     out, jobs = Path(out), parse_jobs(jobs)
+    threads = None if threads is None else parse_threads(threads)
     resolve_device(device)  # a bad or absent device is a one-line error before anything runs
     check_out(out)
     manifest = read_manifest(out)
@@ -154,7 +159,7 @@ def run_suite(out: str | Path, quick: bool = False, data_dir: str | None = None,
     mode = "quick" if quick else "full"
     order = suite_order()
     present = [name for name in order if name in experiments.STUDIES]
-    manifest.update(order=order, mode=mode, command=suite_command(out, quick, data_dir, device, jobs, force))
+    manifest.update(order=order, mode=mode, command=suite_command(out, quick, data_dir, device, jobs, force, threads))
     invocation = {"started": now(), "ran": [], "reused": []}
     manifest["invocation"] = invocation
     clock = time.perf_counter()
@@ -170,7 +175,7 @@ def run_suite(out: str | Path, quick: bool = False, data_dir: str | None = None,
                 invocation["reused"].append(name)
                 tqdm.write(f"suite: {name}: complete in an earlier run with the same setting, reused")
             else:
-                entry = run_study(name, out, quick, data_dir, device, jobs, force)
+                entry = run_study(name, out, quick, data_dir, device, jobs, force, threads)
                 manifest["studies"][name] = entry
                 invocation["ran"].append(name)
                 state = entry["status"] + (f": {entry['error']['type']}: {entry['error']['message']}"
