@@ -89,6 +89,26 @@ def test_cost_rule():
     assert fast_slow_claims.cost_claim(TINY, {**cost, "ratio_coupled_dense": 1.2})["verdict"] == NOT_REPRODUCED
 
 
+def test_cost_rule_reads_the_spread_over_rounds_and_the_machine_load():
+    idle = {"ratio_coupled_dense": 1.05, "ratio_frozen_dense": 1.0, "step_seconds": {}, "device": "cpu",
+            "round_ratios": [1.03, 1.05, 1.08], "cpu_share": 0.98, "load_average": 1.1, "cpu_count": 2,
+            "threads": 1}
+    claim = fast_slow_claims.cost_claim(TINY, idle)
+    assert claim["verdict"] == REPRODUCED and "rounds 1.030-1.080x over 3" in claim["why"]
+    assert fast_slow_claims.cost_claim(TINY, {**idle, "round_ratios": [1.12, 1.2, 1.3]})["verdict"] == NOT_REPRODUCED
+    straddling = fast_slow_claims.cost_claim(TINY, {**idle, "round_ratios": [1.05, 1.15]})
+    assert straddling["verdict"] == INCONCLUSIVE
+    starved = fast_slow_claims.cost_claim(TINY, {**idle, "cpu_share": 0.55})
+    assert starved["verdict"] == INCONCLUSIVE and "the CPU was shared while timing (the process got 55%" in starved["why"]
+    # its own thread got the CPU, but another process kept the load average up: still shared
+    beside = fast_slow_claims.cost_claim(TINY, {**idle, "cpu_share": 0.97, "load_average": 2.96})
+    assert beside["verdict"] == INCONCLUSIVE and "load average 3.0 on 2 CPUs" in beside["why"]
+    two_threads_idle = {**idle, "threads": 2, "load_average": 2.1}
+    assert fast_slow_claims.cost_claim(TINY, two_threads_idle)["verdict"] == REPRODUCED
+    # a GPU process's CPU time says nothing about the load
+    assert fast_slow_claims.cost_claim(TINY, {**idle, "cpu_share": 0.1, "device": "cuda"})["verdict"] == REPRODUCED
+
+
 def test_slow_share_is_zero_with_a_shut_gate_and_positive_with_an_open_one():
     torch.manual_seed(0)
     model = fast_slow.TransformerLM(fast_slow.model_config(TINY, "coupled", None))
@@ -146,6 +166,7 @@ def test_tiny_study_writes_results_report_and_plots(tmp_path, monkeypatch):
     frozen = [r for r in results["runs"] if r["arm"] == "frozen"]
     assert all(max(r["gate"]["rms"]) > 0 for r in frozen)  # the gate trains even with the slow path frozen
     assert results["cost"]["ratio_coupled_dense"] > 0
+    assert len(results["cost"]["round_ratios"]) == TINY.cost_rounds and 0 < results["cost"]["cpu_share"]
     report = (study / "report.md").read_text()
     assert "## Claims" in report and "POSITIVE CONTROL" in report or results["claims"][2]["verdict"] != NOT_REPRODUCED
     for plot in ("gate.png", "val_loss.png", "eps_slope.png"):

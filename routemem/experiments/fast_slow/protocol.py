@@ -21,6 +21,7 @@ fixed before the full run; the data each run trains on is in fast_slow/tasks.py 
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -194,7 +195,10 @@ def train_one(setting: Setting, arm: str, tokens: int, window: int | None, seed:
 def measure_cost(setting: Setting, device: str = "cpu") -> dict:
     """Median seconds per training step (forward, backward, AdamW) of each arm at the study's size,
     the arms interleaved round by round in this one process, so a slower or busier machine moves
-    them together; the claim is the ratio coupled / dense."""
+    them together; the claim is the ratio coupled / dense. Each round's ratio is kept (the spread
+    the claim reports), and so is how much CPU the process got while timing: on a busy CPU the
+    ratio moves by more than the margin the claim tests (1.21x idle vs 0.83x beside another job,
+    measured on the 2-core VM), so the claim must know whether the machine was loaded."""
     device = torch.device(device)
     bf16 = use_bf16(setting.bf16, device)
     batch = torch.randint(0, 256, (setting.batch_size, setting.seq_len + 1), generator=torch.Generator().manual_seed(0))
@@ -218,18 +222,29 @@ def measure_cost(setting: Setting, device: str = "cpu") -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.item()  # waits for the device
 
+    round_ratios = []
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(setting.cost_rounds):
+        this_round: dict[str, list[float]] = {arm: [] for arm in ARMS}
         for arm, (model, optimizer) in models.items():
             for _ in range(2):  # warm-up (and AdamW's state) outside the timing
                 one_step(model, optimizer)
             for _ in range(setting.cost_steps):
                 started = time.perf_counter()
                 one_step(model, optimizer)
-                times[arm].append(time.perf_counter() - started)
+                this_round[arm].append(time.perf_counter() - started)
+            times[arm] += this_round[arm]
+        round_ratios.append(statistics.median(this_round["coupled"]) / statistics.median(this_round["dense"]))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     median = {arm: statistics.median(t) for arm, t in times.items()}
     return {"step_seconds": median, "samples": {arm: len(t) for arm, t in times.items()},
             "ratio_coupled_dense": median["coupled"] / median["dense"],
-            "ratio_frozen_dense": median["frozen"] / median["dense"]}
+            "ratio_frozen_dense": median["frozen"] / median["dense"],
+            "round_ratios": round_ratios,
+            # the CPU time this process got per second of timing and per thread: near 1 on an idle
+            # CPU, well below when another process shares the cores (on a GPU it says nothing)
+            "cpu_share": cpu / (wall * torch.get_num_threads()), "device": device.type,
+            "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0], "cpu_count": os.cpu_count()}
 
 
 # --- the study -------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 
 from routemem.experiments.fast_slow import theorem as fast_slow_theorem
 from routemem.experiments.shared.common import invocation_text, markdown_table, summarize
-from routemem.experiments.fast_slow.claims import COST_RATIO, OPEN_SHARE, finished
+from routemem.experiments.fast_slow.claims import COST_RATIO, OPEN_SHARE, finished, machine_was_shared
 from routemem.experiments.fast_slow.tasks import topic_levels
 
 ARMS = ("dense", "coupled", "frozen")
@@ -118,6 +118,7 @@ def report(results: dict, setting) -> str:
         markdown_table(["arm", "ms / step", "ratio to dense"],
                        [[arm, f"{1000 * step[arm]:.1f}", f"{step[arm] / step['dense']:.3f}"] for arm in ARMS]),
         "",
+        *cost_spread_text(cost),
         "## Theorem, numerically",
         "",
         f"A {theorem['setting']['states']}-state master equation eps dx/dt = Q(y)^T x with rates depending on a "
@@ -195,3 +196,18 @@ def plots(study_dir: Path, setting, runs: list[dict], theorem: dict) -> None:
     plt.close(fig)
 
     fast_slow_theorem.plot_tracking(theorem, study_dir / "eps_slope.png")
+
+
+def cost_spread_text(cost: dict) -> list[str]:
+    """The timing's spread over rounds and how much CPU the process got: a reader weighs the ratio
+    by both (a cost cached before they were kept has neither)."""
+    if "round_ratios" not in cost:
+        return []
+    rounds = f"coupled / dense per round: {', '.join(f'{r:.3f}' for r in cost['round_ratios'])}."
+    if cost.get("device") != "cpu":  # a GPU process waits on the device: its CPU time says nothing
+        return [rounds, ""]
+    shared = "shared with another process: the cost claim is inconclusive" if machine_was_shared(cost) else "not shared"
+    return [f"{rounds} While timing, the process got {cost['cpu_share']:.0%} of its threads' CPU time, with a load "
+            f"average of {cost['load_average']:.1f} on {cost['cpu_count']} CPUs and {cost.get('threads', 1)} "
+            f"thread(s) of its own: the CPU was {shared}.", ""]
+
