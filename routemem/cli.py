@@ -336,10 +336,16 @@ class _HelpWithLayers(argparse.Action):
 
 
 def _reproduce_description() -> str:
-    from routemem.experiments import ABOUT
+    from routemem.experiments import ABOUT, QUICK_SECONDS
 
-    return "Run a paper's experiment; writes OUT/<study>/{results.json, report.md, *.png}.\n\nstudies:\n" + \
-        "\n".join(f"  {name:<10} {text}" for name, text in ABOUT.items()) + \
+    def quick(name: str) -> str:
+        idle, busy = QUICK_SECONDS[name]
+        return f"\n             --quick: {idle / 60:.1f} min idle, {busy / 60:.1f} min beside a busy process"
+
+    return "Run a paper's experiment; writes OUT/<study>/{results.json, report.md, *.png}.\n" + \
+        "Quick times: one thread, measured on a 2-core VM (Intel Xeon, 2026-12-07).\n\nstudies:\n" + \
+        "\n".join(f"  {name:<10} {text}{quick(name) if name in QUICK_SECONDS else ''}"
+                  for name, text in ABOUT.items()) + \
         "\n  all        every study above into OUT, in order, then OUT/REPORT.md and OUT/report.html (one " \
         "table of\n             every claim); resumable: a study complete in OUT with the same mode and " \
         "setting is reused\n             (OUT/suite.json); a failed study is reported and the others " \
@@ -431,9 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train N runs at once in worker processes, each with --threads threads "
                         "(on cuda all share the one GPU)")
     p.add_argument("--threads", default="1", metavar="T",
-                   help="CPU threads per run (default 1: on a shared or busy CPU, two contending threads per "
-                        "process ran 3-10x slower, one thread held up; raise it on an idle machine with cores "
-                        "to spare). The thread count changes float sums, so a study's runs all use the same")
+                   help="CPU threads per run (default 1). Beside one busy process on a 2-core VM, two threads "
+                        "ran a quick study 4-15x slower than idle, one thread 4-24%% slower; idle, two threads "
+                        "were 1.3-1.5x faster. The count changes float sums, so every run of a study uses the same")
     p.add_argument("--shard", metavar="I/N", help="train only runs I, I+N, I+2N, ... (0 <= I < N) into "
                    "OUT/<study>/runs/ and stop; a last run without --shard writes the report")
     p.add_argument("--force", action="store_true", help="all only: run every study again, none reused; "

@@ -75,3 +75,8 @@ def test_the_rule_catches_a_cross_study_import(tmp_path, monkeypatch):
         monkeypatch.setattr(Path, "read_text", lambda self, *a, _s=source, **k: _s)
         owners = {experiments_package_of(m) for m in imported_modules(fake)}
         assert "apn" in owners, source
+
+
+def test_every_study_states_its_quick_time():
+    """``reproduce --help`` prints each study's measured quick time: a new study records its own."""
+    assert set(experiments.QUICK_SECONDS) == set(experiments.STUDIES)

@@ -32,3 +32,11 @@ ABOUT: dict[str, str] = {
     "rwf": "Routing without Forgetting against the OCL baselines (glyphs, digits, few-shot, Si-Blurry), "
            "its ablations and retrieval diagnostics",
 }
+# the quick setting's wall time in seconds, one thread (the default), measured 2026-12-07 on the
+# project's 2-core VM (Intel Xeon): on an idle machine, and beside one busy 2-thread process
+# (README, "Threads, and a busy CPU"); ``routemem reproduce --help`` prints them
+QUICK_SECONDS: dict[str, tuple[int, int]] = {
+    "apn": (231, 253), "palimpsa": (276, 286), "fast-slow": (303, 347), "absorption": (155, 170),
+    "ocl-baselines": (142, 156), "rwf": (141, 175),
+}
+
