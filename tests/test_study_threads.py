@@ -8,7 +8,7 @@ import torch
 from worker_probe import where_am_i
 
 from routemem.cli import main
-from routemem.experiments.shared.common import RunCache
+from routemem.experiments.shared.cache import RunCache
 from routemem.experiments.shared.runner import Execution, Unit, run_units
 
 

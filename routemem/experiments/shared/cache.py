@@ -20,7 +20,6 @@ import math
 import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Callable
 
 from routemem.fileio import write_text_atomic
 
@@ -112,10 +111,6 @@ class RunCache:
                           default=json_default)
         write_text_atomic(self.folder / f"{name}.json", text)
         return json.loads(text)["run"]
-
-    def get_or_run(self, name: str, train: Callable[[], dict], key: dict | None = None) -> dict:
-        cached = self.get(name, key)
-        return cached if cached is not None else self.put(name, train(), key=key)
 
     def warn_outdated(self) -> None:
         """One stderr line for the format-1 files ``get`` set aside (another whole setting)."""

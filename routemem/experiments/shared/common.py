@@ -1,6 +1,6 @@
 """What every study shares: mean/std summaries, the verdict rule for a
 directional claim, and writing results.json / report.md atomically (the results format in
-docs/architecture.md). The per-run cache lives in cache.py (``RunCache`` is importable from here too)."""
+docs/architecture.md). The per-run cache is in cache.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from typing import Callable
 
 import torch
 
-from routemem.experiments.shared.cache import RunCache  # noqa: F401  (its old home: old imports work)
 from routemem.experiments.shared.cache import json_default as _jsonable
 from routemem.fileio import write_text_atomic
 

@@ -16,7 +16,7 @@ import torch
 
 from routemem.data import ByteTokenizer, WindowSampler, load_corpus, load_splits
 from routemem.errors import DataError
-from routemem.train.evaluate import autocast_context, evaluate
+from routemem.train.evaluate import evaluate
 
 PROBE_WINDOWS = 16  # validation windows the slow share is measured on (4 gave visibly noisy curves)
 
