@@ -44,6 +44,13 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,
     return {"median_s": statistics.median(times), "runs_s": times}
 
 
+def maybe_compile(fn, enabled: bool):
+    """``torch.compile(fn, fullgraph=True)`` when ``enabled`` (``routemem bench --compile``), else
+    ``fn``. A graph break is an error, not a silent fallback to eager, so a compiled row times
+    what it says. Compile once, outside the timed calls (the warm-up call pays the compile)."""
+    return torch.compile(fn, fullgraph=True) if enabled else fn
+
+
 def timed_call(forward: Callable[[], object], backward: bool, clear: Iterable[torch.Tensor],
                backprop: Callable[[object], object] = torch.Tensor.backward) -> Callable[[], None]:
     """The call a row times: ``forward()`` under no_grad (fwd), or ``forward()`` then
