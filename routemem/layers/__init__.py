@@ -3,6 +3,7 @@
 from routemem.layers.registry import (
     FFNS,
     MIXERS,
+    VARIANTS,
     LayerSpec,
     build_ffn,
     build_mixer,
@@ -19,6 +20,6 @@ from routemem.layers.attention import CausalSelfAttention  # noqa: E402
 from routemem.layers.ffn import DenseFFN, NoFFN  # noqa: E402
 
 __all__ = [
-    "FFNS", "MIXERS", "LayerSpec", "build_ffn", "build_mixer", "register_ffn", "register_mixer",
+    "FFNS", "MIXERS", "VARIANTS", "LayerSpec", "build_ffn", "build_mixer", "register_ffn", "register_mixer",
     "RMSNorm", "make_norm", "AttractorPatchFFN", "CausalSelfAttention", "DenseFFN", "NoFFN",
 ]

@@ -46,7 +46,7 @@ def prefix_heads(prefix: torch.Tensor, batch: int, n_head: int, head_dim: int) -
     return prefix.reshape(batch, prefix.shape[1], n_head, head_dim).transpose(1, 2)
 
 
-@register_mixer("attention")
+@register_mixer("attention", variants={"window": {"window": 4}, "conv": {"conv_width": 3}})
 class CausalSelfAttention(nn.Module):
     """``window=None`` is full causal attention; ``window=w`` lets token t see t-w+1 .. t;
     ``causal=False`` lets every token see every token (no window, no ``step``); ``conv_width``: a short

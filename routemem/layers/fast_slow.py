@@ -29,7 +29,7 @@ from routemem.ops.block_pool import block_broadcast, block_causal_attention, cau
 GATES = ("vector", "scalar", "tanh")  # g = w (per channel) | w (one number) | tanh(w) (per channel)
 
 
-@register_mixer("fast_slow")
+@register_mixer("fast_slow", variants={"window": {"window": 4}, "tanh gate": {"gate": "tanh"}})
 class FastSlowAttention(nn.Module):
     """Options: ``block`` P, ``slow_heads`` (default: n_head), ``gate`` form, ``freeze_slow`` (slow
     attention and phi fixed at their initial values, the gate still trains), ``window`` for the

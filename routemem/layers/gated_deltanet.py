@@ -22,7 +22,7 @@ from routemem.ops import gated_delta_rule
 from routemem.ops.delta_rule import MODES as DELTA_MODES
 
 
-@register_mixer("gated_deltanet")
+@register_mixer("gated_deltanet", variants={"reference": {"mode": "reference"}})
 class GatedDeltaNetMixer(RecurrentMixer):
     """Options: ``expand_v`` (value head dim = expand_v * d_model / n_head), ``mode``/``chunk_size``
     (passed to the op), ``conv_width``."""

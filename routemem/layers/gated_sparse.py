@@ -50,7 +50,10 @@ GATES, MODES, DEPLOYS = ("learned", "random", "none"), ("soft", "hard"), ("gate"
 HARD_FORMS = ("gather", "mask")
 
 
-@register_mixer("gated_sparse")
+@register_mixer("gated_sparse", variants={
+    "hard": {"mode": "hard", "k": 3}, "hard mask": {"mode": "hard", "hard_form": "mask", "k": 3},
+    "random gate": {"gate": "random"}, "no gate": {"gate": "none"},
+    "mask randomisation": {"mask_randomisation": 0.5, "k": 3}})
 class GatedSparseAttention(nn.Module):
     """Options in the module docstring. ``track_stats`` (attribute, default False): when True each
     forward also measures, under no_grad, what ``metrics()`` reports (a T x T map per head)."""
@@ -97,7 +100,7 @@ class GatedSparseAttention(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.track_stats = False
         self.last_path: str | None = None  # which path the last forward took (for tests and logs)
-        self._stats: dict[str, float] = {}
+        self._stats: dict[str, torch.Tensor] = {}
 
     def set_deploy(self, deploy: str) -> None:
         self.deploy = check_choice("mixer 'gated_sparse'", "deploy", deploy, DEPLOYS)
@@ -141,7 +144,24 @@ class GatedSparseAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self._heads(x, 0)
-        path = self.last_path = self._path()
+        if self.training and self.p_random > 0 and torch.compiler.is_compiling():
+            # A compiled graph cannot branch on the draw: it attends both ways and the draw picks
+            # one (twice the attention cost; the random stream differs from eager's).
+            self.last_path = "random or gate"
+            gated = "dense" if self.gate == "none" else self.mode
+            use_random = torch.rand(()) < self.p_random
+            y = torch.where(use_random, self._attend("random", x, q, k, v)[0], self._attend(gated, x, q, k, v)[0])
+            scores = None
+        else:
+            path = self.last_path = self._path()
+            y, scores = self._attend(path, x, q, k, v)
+        if self.track_stats:
+            self._measure(x, q, k, scores)
+        return self.out(y.reshape(B, T, D))
+
+    def _attend(self, path: str, x, q, k, v) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention of one path (``_path``): (y [B, T, H, Dh], the gate scores it used or None)."""
+        B, T, _ = x.shape
         scores = gate_scores(*self._gate_heads(x)) if self.gate != "none" and path in ("soft", "hard") else None
         if path == "soft":
             y = gated_attention(q, k, v, gating="soft", gate_scores=scores, tau=self.tau)
@@ -157,9 +177,7 @@ class GatedSparseAttention(nn.Module):
             y = gated_attention(q, k, v, gating="mask", mask=random_causal_mask(B, self.n_head, T, self.k, device=x.device))
         else:
             y = gated_attention(q, k, v)
-        if self.track_stats:
-            self._measure(x, q, k, scores)
-        return self.out(y.reshape(B, T, D))
+        return y, scores
 
     # -- token-by-token decoding with a KV cache (and the gate's keys) ---------------------------
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
@@ -206,20 +224,24 @@ class GatedSparseAttention(nn.Module):
         T = probs.shape[-1]
         rows = slice(self.k, None) if T > self.k else slice(0, T)
         oracle = oracle_mask(probs, self.k)
-        stats = {"concentration": float((probs * oracle).sum(-1)[..., rows].mean())}
+        # Kept as 0-dim tensors (read by metrics()): no device sync here, and no graph break
+        # when the forward is compiled. Means over the causal entries are masked sums, not
+        # boolean indexing, whose output shape would depend on the data.
+        stats = {"concentration": (probs * oracle).sum(-1)[..., rows].mean()}
         if self.gate != "none":
             s = (scores if scores is not None else gate_scores(*self._gate_heads(x))).detach().float()
-            causal = torch.ones(T, T, dtype=torch.bool, device=s.device).tril().expand_as(s)
+            causal = torch.ones(T, T, dtype=torch.bool, device=s.device).tril()
+            n_causal = causal.sum() * s[..., 0, 0].numel()
             picked = topk_mask(s, self.k)
-            stats.update(gate_score_rms=float(s[causal].pow(2).mean().sqrt()),
-                         gate_mean_sigmoid=float(torch.sigmoid(s[causal] / self.tau).mean()),
-                         gate_oracle_f1=float(((picked & oracle).sum(-1) / oracle.sum(-1))[..., rows].mean()))
+            stats.update(gate_score_rms=(torch.where(causal, s.pow(2), 0).sum() / n_causal).sqrt(),
+                         gate_mean_sigmoid=torch.where(causal, torch.sigmoid(s / self.tau), 0).sum() / n_causal,
+                         gate_oracle_f1=((picked & oracle).sum(-1) / oracle.sum(-1))[..., rows].mean())
         self._stats = stats
 
     def metrics(self) -> dict[str, float]:
         """The last tracked forward's statistics (``_measure``; none until ``track_stats`` is set),
         and, with a gate, the rms of its weights A and B (always; cheap)."""
-        out = dict(self._stats)
+        out = {name: float(value) for name, value in self._stats.items()}
         if self.gate != "none":
             w = torch.cat([self.gate_q.weight.detach().flatten(), self.gate_k.weight.detach().flatten()]).float()
             out["gate_weight_rms"] = float(w.pow(2).mean().sqrt())

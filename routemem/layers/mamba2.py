@@ -29,7 +29,7 @@ from routemem.ops.gla import MODES as GLA_MODES
 from routemem.ops.metaplastic import MODES as METAPLASTIC_MODES
 
 
-@register_mixer("mamba2")
+@register_mixer("mamba2", variants={"reference": {"mode": "reference"}})
 class Mamba2Mixer(RecurrentMixer):
     """Options: ``expand`` (d_inner = expand * d_model), ``d_state`` (N), ``mode``/``chunk_size``
     (passed to the op), ``conv_width``; metaplastic only: ``beta_rank`` (16), ``i_prior`` (1.0)."""
@@ -103,7 +103,7 @@ class Mamba2Mixer(RecurrentMixer):
         return out, (None if state is None else {"conv": conv_buffer, **recurrent})
 
 
-@register_mixer("meta_mamba2")
+@register_mixer("meta_mamba2", variants={mode: {"mode": mode} for mode in ("reference", "chunk", "fused")})
 class MetaMamba2Mixer(Mamba2Mixer):
     """Mamba2 made metaplastic: Mamba2's (C, B, dt * x) as metaplastic attention's (q, k, v)."""
 

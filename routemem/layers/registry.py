@@ -30,28 +30,36 @@ class LayerSpec:
 
 MIXERS: dict[str, type[nn.Module]] = {}
 FFNS: dict[str, type[nn.Module]] = {}
+# kind ("mixer" | "ffn") -> name -> {variant name: kwargs}: the configurations of a layer that run
+# different code (a mode, a form). Tests that cover every registered layer (torch.compile against
+# eager, ...) build each one, so a new layer or mode is covered by registering it.
+VARIANTS: dict[str, dict[str, dict[str, dict]]] = {"mixer": {}, "ffn": {}}
 
 
-def _register(table: dict, kind: str, name: str) -> Callable:
+def _register(table: dict, kind: str, name: str, variants: dict[str, dict] | None) -> Callable:
     def decorator(cls):
         if name in table and table[name] is not cls:
             raise ValueError(f"{kind} '{name}' is already registered by {table[name].__qualname__}")
         table[name] = cls
+        VARIANTS[kind][name] = {"default": {}, **(variants or {})}
         return cls
 
     return decorator
 
 
-def register_mixer(name: str) -> Callable:
+def register_mixer(name: str, variants: dict[str, dict] | None = None) -> Callable:
     """Class decorator: ``cls(spec: LayerSpec, **mixer_kwargs)`` maps [B,T,D] -> [B,T,D] causally,
     and has ``step(x_t [B,D], state) -> (y_t, state)`` and ``state_size()``. (The ``attention``
-    mixer with ``causal=False`` is the one exception: the ViT's bidirectional blocks, no ``step``.)"""
-    return _register(MIXERS, "mixer", name)
+    mixer with ``causal=False`` is the one exception: the ViT's bidirectional blocks, no ``step``.)
+    ``variants``: {name: mixer_kwargs} for each configuration that runs other code than the
+    default (``VARIANTS``); the default configuration is always one."""
+    return _register(MIXERS, "mixer", name, variants)
 
 
-def register_ffn(name: str) -> Callable:
-    """Class decorator: ``cls(spec: LayerSpec, **ffn_kwargs)`` maps [B,T,D] -> [B,T,D] per token."""
-    return _register(FFNS, "ffn", name)
+def register_ffn(name: str, variants: dict[str, dict] | None = None) -> Callable:
+    """Class decorator: ``cls(spec: LayerSpec, **ffn_kwargs)`` maps [B,T,D] -> [B,T,D] per token.
+    ``variants`` as for ``register_mixer``."""
+    return _register(FFNS, "ffn", name, variants)
 
 
 def _build(table: dict, kind: str, name: str, spec: LayerSpec, kwargs: dict) -> nn.Module:

@@ -1,5 +1,11 @@
-"""Input checks shared by the recurrent ops: each failure is a ValueError naming the tensor and
-the shape or range it should have, so a caller sees what is wrong without reading the op."""
+"""Input checks shared by the ops: each failure is a ValueError naming the tensor and the shape or
+range it should have, so a caller sees what is wrong without reading the op.
+
+Shape and dtype checks read only metadata and run everywhere. Checks that read tensor *values*
+(``log_alpha <= 0``, index ranges) run in eager only (``checking_values()``): on a GPU each one is a
+device sync, and under ``torch.compile`` a data-dependent branch that would break the graph. Eager
+is where a user meets a bad input first; a compiled model runs the same inputs it ran eagerly.
+"""
 
 from __future__ import annotations
 
@@ -22,14 +28,22 @@ def expect_same_dtype(reference: torch.Tensor, **tensors: torch.Tensor | None) -
                              "cast all inputs to one dtype")
 
 
+def checking_values() -> bool:
+    """Whether checks that read tensor values run: in eager, not while torch.compile traces."""
+    return not torch.compiler.is_compiling()
+
+
 def expect_log_decay(log_alpha: torch.Tensor) -> None:
-    """log_alpha is the log of a decay in (0, 1], so it must be <= 0 (and not NaN)."""
-    if not bool((log_alpha <= 0).all()):
+    """log_alpha is the log of a decay in (0, 1], so it must be <= 0 (and not NaN). Eager only."""
+    if checking_values() and not bool((log_alpha <= 0).all()):
         raise ValueError(f"log_alpha must be <= 0 everywhere (a decay alpha = exp(log_alpha) in (0, 1]); "
                          f"max is {log_alpha.max().item():.4g}")
 
 
 def expect_range(name: str, tensor: torch.Tensor, low: float, high: float | None = None) -> None:
+    """Every value of ``tensor`` >= low (and <= high). Eager only."""
+    if not checking_values():
+        return
     ok = tensor >= low if high is None else (tensor >= low) & (tensor <= high)
     if not bool(ok.all()):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"

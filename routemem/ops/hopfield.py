@@ -32,6 +32,8 @@ import math
 
 import torch
 
+from routemem.ops.checks import checking_values
+
 __all__ = ["default_beta", "hopfield_energy", "hopfield_retrieve", "hopfield_state_energy"]
 
 
@@ -63,7 +65,7 @@ def _beta(beta, d: int, like: torch.Tensor):
     if beta is None:
         return default_beta(d)
     if isinstance(beta, torch.Tensor):
-        if not bool(torch.isfinite(beta).all() & (beta > 0).all()):
+        if checking_values() and not bool(torch.isfinite(beta).all() & (beta > 0).all()):
             raise ValueError("beta must be finite and > 0 everywhere")
         return beta.to(like.dtype)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < math.inf:

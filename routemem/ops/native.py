@@ -105,6 +105,11 @@ def available(source: Path, signatures: tuple) -> bool:
         return False
 
 
+@torch.compiler.assume_constant_result
+def _available_constant(kernel: "Kernel") -> bool:
+    return available(kernel.source, kernel.signatures)
+
+
 class Kernel:
     """The functions ``{prefix}_{name}_{f32|f64}`` of one C++ source file, built on first use.
     ``signatures``: name -> ctypes argtypes (the same for both precisions)."""
@@ -115,8 +120,9 @@ class Kernel:
                                 for suffix in SUFFIX.values() for name, argtypes in signatures.items())
 
     def available(self) -> bool:
-        """Whether the kernel compiled and loaded on this machine."""
-        return available(self.source, self.signatures)
+        """Whether the kernel compiled and loaded on this machine. A constant to torch.compile: it
+        builds (file system calls dynamo cannot trace) once, at trace time, and never changes."""
+        return _available_constant(self)
 
     def applies_to(self, x: torch.Tensor) -> bool:
         """Whether it can run on tensors like ``x`` (what ``mode="auto"`` asks)."""

@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from routemem.ops.checks import checking_values
+
 
 class Routing(NamedTuple):
     indices: torch.Tensor  # [N, k] long: the kept patches, best first
@@ -28,7 +30,7 @@ def route(z: torch.Tensor, prototypes: torch.Tensor, top_k: int, tau: float | to
                          f"and {tuple(prototypes.shape)}")
     if not 1 <= top_k <= prototypes.shape[0]:
         raise ValueError(f"top_k must be in [1, K={prototypes.shape[0]}], got {top_k}")
-    if not bool(torch.as_tensor(tau) > 0):
+    if checking_values() and not bool(torch.as_tensor(tau) > 0):
         raise ValueError(f"tau must be > 0, got {float(tau)}")
     scores = F.normalize(z, dim=-1) @ F.normalize(prototypes, dim=-1).T / tau
     kept, indices = scores.topk(top_k, dim=-1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from routemem.ops.checks import checking_values
 from routemem.ops.gated_sparse.scores import causal_mask
 
 
@@ -51,7 +52,9 @@ def topk_mask(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     above = (ranked > threshold) & causal
     tied = (ranked == threshold) & causal  # a causal -inf can tie; a future key never counts
     room = kept - above.sum(dim=-1, keepdim=True)
-    if bool((tied.sum(dim=-1, keepdim=True) > room).any()):  # more ties than room: the running count
+    # More ties than room: a running count picks the lowest-indexed. Eager skips it when no query
+    # needs it; a compiled graph always runs it (a no-op then), as it cannot branch on values.
+    if torch.compiler.is_compiling() or bool((tied.sum(dim=-1, keepdim=True) > room).any()):
         tied = tied & (tied.to(torch.int32).cumsum(dim=-1) <= room)
     mask = above | tied
     short = torch.arange(T, device=scores.device)[:, None] < kept  # query i has i + 1 <= k causal keys
@@ -96,7 +99,7 @@ def oracle_mask(probs: torch.Tensor, top_k: int) -> torch.Tensor:
         got = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
         raise ValueError(f"probs must be [B, H, T, T], got {got}")
     check_top_k(top_k)
-    if torch.isnan(probs).any():
+    if checking_values() and torch.isnan(probs).any():
         raise ValueError("probs has NaN entries")
     return topk_mask(probs, top_k)
 

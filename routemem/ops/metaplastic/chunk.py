@@ -85,9 +85,9 @@ def metaplastic_chunk(q, k, v, beta, log_alpha, i_prior, scale, initial_state, w
         return empty, (empty if with_uncertainty else None), tuple(state)
     M0, J0 = linear_state(initial_state, i_prior, q, (B, H, Dv, Dk))
     if recompute:
-        from routemem.ops.metaplastic.recompute import MetaplasticChunkFn  # it imports helpers here
-        o, unc, M, J = MetaplasticChunkFn.apply(q, k, v, beta, log_alpha, i_prior, M0, J0, scale,
-                                                with_uncertainty, chunk_size)
+        from routemem.ops.metaplastic.recompute import chunk_forward  # it imports helpers here
+        o, unc, M, J, _ = chunk_forward(q, k, v, beta, log_alpha, i_prior, M0, J0, scale,
+                                        with_uncertainty, chunk_size)
     else:
         o, unc, M, J = _chunk_autograd(q, k, v, beta, log_alpha, i_prior, M0, J0, scale,
                                        with_uncertainty, min(chunk_size, T))

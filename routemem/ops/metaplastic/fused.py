@@ -6,7 +6,8 @@ two states of one head in cache and touches each cell a few times per step; its 
 one chunk of states from the saved chunk-start states, as ``recompute.py`` does.
 
 The kernel is compiled on first use (``routemem.ops.native``); ``available()`` says whether that
-worked here. The other modes do not need it.
+worked here. The other modes do not need it. Called through two torch.library ops
+(``routemem::metaplastic_fused_forward`` / ``_backward``), so models using it compile whole.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from routemem.ops import native
 from routemem.ops.metaplastic.chunk import linear_state
@@ -26,51 +28,88 @@ KERNEL = native.Kernel(Path(__file__).with_name("fused_kernel.cpp"), "metaplasti
 available, applies_to = KERNEL.available, KERNEL.applies_to
 
 
-class MetaplasticFusedFn(torch.autograd.Function):
-    """(q, k, v, beta, log_alpha, prior [H], M0, J0, scale, with_uncertainty, chunk_size) ->
-    (o, uncertainty or None, M_T, J_T); saves the inputs and the chunk-start states."""
+# The kernel as torch.library ops (docs/architecture.md, "Registering an op"): opaque to
+# torch.compile (the fakes give the shapes), joined for autograd below. Custom ops cannot return
+# None, so a forward without uncertainty returns an empty tensor in its place.
+@torch.library.custom_op("routemem::metaplastic_fused_forward", mutates_args=())
+def _forward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor, prior: Tensor,
+             M0: Tensor, J0: Tensor, scale: float, with_uncertainty: bool, chunk_size: int
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(q, k, v, beta, log_alpha, prior [H], M0, J0) -> (o, uncertainty (empty without
+    with_uncertainty), M_T, J_T, the chunk-start states [B, H, chunks + 1, 2, Dv, Dk] for backward)."""
+    q, k, v, beta, log_alpha, prior, M0, J0 = (
+        x.contiguous() for x in (q, k, v, beta, log_alpha, prior, M0, J0))
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    N = -(-T // chunk_size)
+    o = v.new_empty(v.shape)
+    unc = v.new_empty(v.shape if with_uncertainty else 0)
+    starts = q.new_empty(B, H, N + 1, 2, Dv, Dk)
+    kernel = KERNEL.function("forward", q.dtype)
+    inputs = [native.pointer(x) for x in (q, k, v, beta, log_alpha, prior, M0, J0)]
+    outputs = [native.pointer(x) for x in (o, unc if with_uncertainty else None, starts)]
+    native.on_threads(lambda _, lo, hi: kernel(*inputs, scale, B, T, H, Dk, Dv, chunk_size,
+                                               int(with_uncertainty), *outputs, lo, hi),
+                      B * H, native.worker_count(B * H))
+    return o, unc, starts[:, :, N, 0].clone(), starts[:, :, N, 1].clone(), starts
 
-    @staticmethod
-    def forward(ctx, q, k, v, beta, log_alpha, prior, M0, J0, scale, with_uncertainty, chunk_size):
-        q, k, v, beta, log_alpha, prior, M0, J0 = (
-            x.contiguous() for x in (q, k, v, beta, log_alpha, prior, M0, J0))
-        B, T, H, Dk = q.shape
-        Dv = v.shape[-1]
-        N = -(-T // chunk_size)
-        o = torch.empty_like(v)
-        unc = torch.empty_like(v) if with_uncertainty else None
-        starts = q.new_empty(B, H, N + 1, 2, Dv, Dk)
-        kernel = KERNEL.function("forward", q.dtype)
-        inputs = [native.pointer(x) for x in (q, k, v, beta, log_alpha, prior, M0, J0)]
-        outputs = [native.pointer(x) for x in (o, unc, starts)]
-        native.on_threads(lambda _, lo, hi: kernel(*inputs, scale, B, T, H, Dk, Dv, chunk_size,
-                                                   int(with_uncertainty), *outputs, lo, hi),
-                          B * H, native.worker_count(B * H))
-        ctx.save_for_backward(q, k, v, beta, log_alpha, prior, starts)
-        ctx.scale, ctx.chunk_size, ctx.with_uncertainty = scale, chunk_size, with_uncertainty
-        return o, unc, starts[:, :, N, 0].clone(), starts[:, :, N, 1].clone()
 
-    @staticmethod
-    def backward(ctx, do, du, dM_T, dJ_T):
-        q, k, v, beta, log_alpha, prior, starts = ctx.saved_tensors
-        B, T, H, Dk = q.shape
-        Dv = v.shape[-1]
-        do = torch.zeros_like(v) if do is None else do.contiguous()
-        du = du.contiguous() if ctx.with_uncertainty and du is not None else None
-        dM_T = None if dM_T is None else dM_T.contiguous()
-        dJ_T = None if dJ_T is None else dJ_T.contiguous()
-        dq, dk, dv, dbeta = (torch.empty_like(x) for x in (q, k, v, beta))
-        dlog_alpha = torch.empty_like(log_alpha)
-        dM0, dJ0 = q.new_empty(B, H, Dv, Dk), q.new_empty(B, H, Dv, Dk)
-        dprior = q.new_empty(B, H)
-        kernel = KERNEL.function("backward", q.dtype)
-        inputs = [native.pointer(x) for x in (q, k, v, beta, log_alpha, prior, starts)]
-        grads = [native.pointer(x)
-                 for x in (do, du, dM_T, dJ_T, dq, dk, dv, dbeta, dlog_alpha, dM0, dJ0, dprior)]
-        native.on_threads(lambda _, lo, hi: kernel(*inputs, ctx.scale, B, T, H, Dk, Dv,
-                                                   ctx.chunk_size, *grads, lo, hi),
-                          B * H, native.worker_count(B * H))
-        return dq, dk, dv, dbeta, dlog_alpha, dprior.sum(0), dM0, dJ0, None, None, None
+@_forward.register_fake
+def _(q, k, v, beta, log_alpha, prior, M0, J0, scale, with_uncertainty, chunk_size):
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    N = -(-T // chunk_size)
+    unc = v.new_empty(v.shape if with_uncertainty else 0)
+    return (v.new_empty(v.shape), unc, q.new_empty(B, H, Dv, Dk), q.new_empty(B, H, Dv, Dk),
+            q.new_empty(B, H, N + 1, 2, Dv, Dk))
+
+
+@torch.library.custom_op("routemem::metaplastic_fused_backward", mutates_args=())
+def _backward(do: Tensor, du: Tensor | None, dM_T: Tensor | None, dJ_T: Tensor | None, q: Tensor,
+              k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor, prior: Tensor, starts: Tensor,
+              scale: float, chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> the gradients of (q, k, v, beta, log_alpha, prior [H], M0, J0). A None gradient is zero."""
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    do, du, dM_T, dJ_T = (None if x is None else x.contiguous() for x in (do, du, dM_T, dJ_T))
+    q, k, v, beta, log_alpha, prior = (x.contiguous() for x in (q, k, v, beta, log_alpha, prior))
+    dq, dk, dv, dbeta, dlog_alpha = (x.new_empty(x.shape) for x in (q, k, v, beta, log_alpha))
+    dM0, dJ0 = q.new_empty(B, H, Dv, Dk), q.new_empty(B, H, Dv, Dk)
+    dprior = q.new_empty(B, H)
+    kernel = KERNEL.function("backward", q.dtype)
+    inputs = [native.pointer(x) for x in (q, k, v, beta, log_alpha, prior, starts)]
+    grads = [native.pointer(x)
+             for x in (do, du, dM_T, dJ_T, dq, dk, dv, dbeta, dlog_alpha, dM0, dJ0, dprior)]
+    native.on_threads(lambda _, lo, hi: kernel(*inputs, scale, B, T, H, Dk, Dv, chunk_size, *grads, lo, hi),
+                      B * H, native.worker_count(B * H))
+    return dq, dk, dv, dbeta, dlog_alpha, dprior.sum(0), dM0, dJ0
+
+
+@_backward.register_fake
+def _(do, du, dM_T, dJ_T, q, k, v, beta, log_alpha, prior, starts, scale, chunk_size):
+    B, _, H, Dk = q.shape
+    Dv = v.shape[-1]
+    return (*(x.new_empty(x.shape) for x in (q, k, v, beta, log_alpha, prior)),
+            q.new_empty(B, H, Dv, Dk), q.new_empty(B, H, Dv, Dk))
+
+
+def _save(ctx, inputs, output):
+    q, k, v, beta, log_alpha, prior, _, _, scale, with_uncertainty, chunk_size = inputs
+    ctx.save_for_backward(q, k, v, beta, log_alpha, prior, output[4])
+    ctx.scale, ctx.chunk_size, ctx.with_uncertainty = scale, chunk_size, with_uncertainty
+
+
+def _differentiate(ctx, do, du, dM_T, dJ_T, _starts_grad):
+    q, k, v, beta, log_alpha, prior, starts = ctx.saved_tensors
+    do = torch.zeros_like(v) if do is None else do
+    du = du if ctx.with_uncertainty else None
+    grads = _backward(do, du, dM_T, dJ_T, q, k, v, beta, log_alpha, prior, starts, ctx.scale,
+                      ctx.chunk_size)
+    return *grads, None, None, None
+
+
+_forward.register_autograd(_differentiate, setup_context=_save)
+forward_op, backward_op = _forward, _backward  # for opcheck in the tests
 
 
 def metaplastic_fused(q, k, v, beta, log_alpha, i_prior, scale, initial_state, with_uncertainty,
@@ -84,7 +123,7 @@ def metaplastic_fused(q, k, v, beta, log_alpha, i_prior, scale, initial_state, w
     B, _, H, Dk = q.shape
     Dv = v.shape[-1]
     M0, J0 = linear_state(initial_state, i_prior, q, (B, H, Dv, Dk))
-    o, unc, M, J = MetaplasticFusedFn.apply(q, k, v, beta, log_alpha, i_prior, M0, J0, scale,
-                                            with_uncertainty, chunk_size)
+    o, unc, M, J, _ = _forward(q, k, v, beta, log_alpha, i_prior, M0, J0, scale, with_uncertainty,
+                               chunk_size)
     importance = J + i_prior.view(1, H, 1, 1)
-    return o, unc, (M / importance, importance)
+    return o, (unc if with_uncertainty else None), (M / importance, importance)
