@@ -16,13 +16,17 @@ import torch
 import torch.nn.functional as F
 from devices import HAS_CUDA, NO_CUDA
 from op_checks import CPU_ONLY_MODES, HAS_COMPILER
+from torch._dynamo.utils import counters
 
 from routemem.layers import FFNS, MIXERS, VARIANTS
+from routemem.layers.hopfield_prompts import HopfieldPromptGenerator
+from routemem.layers.prompts import L2P, CodaPrompt, DualPrompt
 from routemem.models import TransformerLM
 from routemem.models.config import LMConfig
+from routemem.models.vit import VisionTransformer, ViTConfig
 
 COMPILE_RTOL = 1e-4
-SHAPE = dict(vocab_size=32, n_layer=1, d_model=32, n_head=2, max_seq_len=16)
+SHAPE = dict(vocab_size=32, n_layer=1, d_model=32, n_head=2, max_seq_len=8)
 BATCH = 2
 
 
@@ -44,11 +48,13 @@ def _cases(kind: str, table: dict) -> list:
     return cases
 
 
-def _run(call, model, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+def _run(call, model, inputs) -> dict[str, torch.Tensor]:
     """Logits, loss and the gradient of every parameter of ``model`` after ``call``'s loss.backward()
-    (``call``: the model or its compiled form, which shares its parameters)."""
+    (``call``: the model or its compiled form, which shares its parameters). ``inputs``: token ids
+    [B, T] (the targets are the next tokens) or a tuple of arguments."""
     model.zero_grad(set_to_none=True)
-    logits, loss = call(idx, idx.roll(-1, dims=1))
+    args = inputs if isinstance(inputs, tuple) else (inputs, inputs.roll(-1, dims=1))
+    logits, loss = call(*args)
     loss.backward()
     out = {"logits": logits.detach(), "loss": loss.detach()}
     out.update({f"grad {n}": p.grad for n, p in model.named_parameters() if p.requires_grad})
@@ -97,3 +103,71 @@ def test_lm_with_each_mixer_compiles_whole(name, variant, kwargs, device):
 @pytest.mark.parametrize("name, variant, kwargs, device", _cases("ffn", FFNS))
 def test_lm_with_each_ffn_compiles_whole(name, variant, kwargs, device):
     _check_lm(LMConfig(**SHAPE, ffn=name, ffn_kwargs=kwargs), variant, device)
+
+
+# -- the ViT, plain and with each prompt method ------------------------------------------------
+
+VIT = dict(image_size=8, patch_size=4, in_chans=1, d_model=16, n_layer=3, n_head=2, mlp_hidden=32, n_classes=5)
+
+
+def _prompt_module(method: str):
+    D, L = VIT["d_model"], VIT["n_layer"]
+    return {"plain": lambda: None,
+            "l2p": lambda: L2P(D, pool_size=4, length=2, top_n=2),
+            "dualprompt": lambda: DualPrompt(D, L, pool_size=4),
+            "coda": lambda: CodaPrompt(D, L, n_tasks=2, ortho_mu=0.1),
+            "rwf": lambda: HopfieldPromptGenerator(D, L, length=4),
+            "rwf prefix": lambda: HopfieldPromptGenerator(D, L, length=4, insertion="prefix")}[method]()
+
+
+class PromptedViT(torch.nn.Module):
+    """A training step's loss: the prompt module's prompts from a query, the ViT with them, the
+    cross-entropy plus the module's auxiliary loss (as the continual-learning learners run it)."""
+
+    def __init__(self, method: str):
+        super().__init__()
+        self.vit = VisionTransformer(ViTConfig(**VIT))
+        self.prompt = _prompt_module(method)
+
+    def forward(self, images, query, labels):
+        if self.prompt is None:
+            logits, aux = self.vit(images), 0.0
+        else:
+            prompts, aux = self.prompt(query)
+            logits = self.vit(images, prompts=prompts, pool=self.prompt.pool)
+        return logits, F.cross_entropy(logits, labels) + aux
+
+
+@pytest.mark.parametrize("method", ["plain", "l2p", "dualprompt", "coda", "rwf", "rwf prefix"])
+def test_vit_with_each_prompt_method_compiles_whole(method, device):
+    torch.manual_seed(0)
+    model = PromptedViT(method).to(device).train()
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.rand(3, 1, 8, 8, generator=g), F.normalize(torch.randn(3, VIT["d_model"], generator=g), dim=-1),
+              torch.randint(0, VIT["n_classes"], (3,), generator=g))
+    inputs = tuple(x.to(device) for x in inputs)
+    backend = "inductor" if method in ("plain", "rwf") else "aot_eager"  # see the module docstring
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    assert_same(_run(compiled, model, inputs), _run(model, model, inputs))
+
+
+# -- decoding one token at a time ---------------------------------------------------------------
+
+@pytest.mark.parametrize("mixer", ["attention", "palimpsa"])
+def test_step_decoding_compiles_whole(mixer, device):
+    """Each mixer's step() under compile, equal to eager step by step and to the parallel forward.
+    The cache changes every step (its position; attention's keys grow), so dynamo's automatic
+    dynamic shapes must settle on a few graphs, not one per position."""
+    torch.manual_seed(0)
+    model = TransformerLM(LMConfig(**SHAPE, mixer=mixer)).to(device).eval()
+    tokens = torch.randint(0, SHAPE["vocab_size"], (BATCH, 8)).to(device)
+    counters.clear()
+    step = torch.compile(model.step, fullgraph=True)
+    eager_cache = compiled_cache = None
+    for t in range(tokens.shape[1]):
+        want, eager_cache = model.step(tokens[:, t], eager_cache)
+        got, compiled_cache = step(tokens[:, t], compiled_cache)
+        assert_same({"logits": got}, {"logits": want})
+    assert counters["stats"]["unique_graphs"] <= 3  # no cache, the first cache, then any position
+    with torch.no_grad():
+        assert_same({"logits": got}, {"logits": model(tokens)[:, -1]})

@@ -396,7 +396,7 @@ def test_bad_inputs_raise_naming_the_culprit(case, mode):
 
 
 def test_modes():
-    assert set(MODES) == {"reference", "grouped", "fused", "auto"}
+    assert set(MODES) == {"reference", "grouped", "fused", "grouped_mm", "auto"}
     x = good_inputs()
     torch.testing.assert_close(patch_mixture(**x), patch_mixture(**x, mode="grouped"))  # grouped by default
 

@@ -42,14 +42,15 @@ from routemem.ops.apn import (
 PROTOTYPE_UPDATES = ("sgd", "ema", "frozen")  # frozen: a random router, fixed at init
 
 
-@register_ffn("apn")
+@register_ffn("apn", variants={mode: {"mode": mode} for mode in ("reference", "grouped", "fused", "grouped_mm")})
 class AttractorPatchFFN(nn.Module):
     """Options: ``n_patches`` K, ``rank`` r, ``top_k``, ``tau`` (router temperature; ``learn_tau``
     makes it a parameter), ``gamma`` (output scale), ``prototype_update`` (sgd | ema | frozen: the
     unit-norm random prototypes of init stay fixed, a random router) with
     ``ema_decay``, ``load_balance`` (weight of the aux loss; 0 turns it off), ``trunk_hidden``
     (hidden units of an optional dense trunk; 0 = none), ``mode`` (reference | grouped | fused |
-    auto: the compiled kernel on a CPU, else grouped)."""
+    grouped_mm | auto: the compiled kernel on a CPU, else grouped_mm for float32 on a CPU, else
+    grouped)."""
 
     def __init__(self, spec: LayerSpec, n_patches: int = 64, rank: int = 16, top_k: int = 4,
                  tau: float = 0.1, learn_tau: bool = False, gamma: float = 1.0,

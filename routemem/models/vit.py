@@ -122,13 +122,14 @@ def _batched(p: torch.Tensor, batch: int, d_model: int, what: str) -> torch.Tens
 
 
 def _as_prompt_fn(prompts: Prompts, n_layer: int) -> PromptFn | None:
-    if prompts is None or callable(prompts):
-        return prompts
+    # The mapping is tested first: dynamo cannot trace callable() on a dict.
     if isinstance(prompts, Mapping):
         bad = [k for k in prompts if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n_layer]
         if bad:
             raise ValueError(f"prompt layers must be ints in 0..{n_layer - 1}, got {bad}")
         return lambda layer, tokens: prompts.get(layer)
+    if prompts is None or callable(prompts):
+        return prompts
     raise TypeError(f"prompts must be a mapping layer -> prompt, a callable or None, got {type(prompts).__name__}")
 
 
