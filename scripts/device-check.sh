@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check: the cuda-marked tests (every fast form held equal to its reference, on CUDA) and
-# every bench suite with --device cuda, in under 8 minutes, summarised in one JSON file.
+# The GPU check: the cuda-marked tests (every fast form held equal to its reference, and every
+# registered layer compiled whole against eager, on CUDA), every bench suite with --device cuda, and
+# COMPILE_SUITES again with --compile, summarised in one JSON file.
 #
 #   scripts/device-check.sh [OUT_DIR]        (default: $DEVICE_CHECK_DIR, else ./device-check)
 #
@@ -14,7 +15,7 @@
 set -u
 
 OUT_DIR="${1:-${DEVICE_CHECK_DIR:-device-check}}"
-PYTEST_TIMEOUT="${PYTEST_TIMEOUT:-150}"
+PYTEST_TIMEOUT="${PYTEST_TIMEOUT:-300}"  # the compile tests generate Triton kernels
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-90}"
 BENCH_FLAGS="${BENCH_FLAGS:-}"
 PY="${PYTHON:-python3}"
@@ -24,6 +25,7 @@ cd "$(dirname "$0")/.." || exit 2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # every suite routemem ships (override with SUITES="a b")
 SUITES="${SUITES:-$("$PY" -c 'from routemem.bench import SUITES; print(" ".join(SUITES))')}"
+COMPILE_SUITES="${COMPILE_SUITES-apn fast-slow}"  # run again with --compile ("" for none)
 rm -f "$OUT_DIR"/steps.tsv "$OUT_DIR"/pytest-cuda.xml "$OUT_DIR"/bench-*.json "$OUT_DIR"/device-check.json
 
 # step NAME LIMIT LOG COMMAND...: run COMMAND under `timeout LIMIT`, output to LOG, and append
@@ -58,7 +60,18 @@ for suite in $SUITES; do
         "$PY" -m routemem bench "$suite" --device cuda --out "$OUT_DIR/bench-$suite.json" $BENCH_FLAGS
 done
 
-"$PY" scripts/device_check_summary.py "$OUT_DIR" --suites $SUITES
+# The same suites with every timed form under torch.compile (Inductor's Triton kernels), --quick
+# to bound the compile time; reported as the pseudo-suites "<suite>-compiled". (bench train times
+# compiled against eager training steps in its own rows, above.)
+COMPILED=""
+for suite in $COMPILE_SUITES; do
+    step "bench-$suite-compiled" "$BENCH_TIMEOUT" "$OUT_DIR/bench-$suite-compiled.log" \
+        "$PY" -m routemem bench "$suite" --device cuda --compile --quick --out "$OUT_DIR/bench-$suite-compiled.json"
+    COMPILED="$COMPILED $suite-compiled"
+done
+
+# shellcheck disable=SC2086  # lists of suite names
+"$PY" scripts/device_check_summary.py "$OUT_DIR" --suites $SUITES $COMPILED
 status=$?
 echo "[device-check] summary: $OUT_DIR/device-check.json"
 exit "$status"
