@@ -169,7 +169,7 @@ def cmd_bench(args) -> int:
     if args.out is not None:  # checked now: measurements taken are not to be lost to a bad path
         check_output_path(args.out, "--out", folder=False)
     # run_suite checks the suite name and the device before it measures anything
-    result = run_suite(args.suite, quick=args.quick, out=args.out, device=args.device)
+    result = run_suite(args.suite, quick=args.quick, out=args.out, device=args.device, compile=args.compile)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -203,6 +203,8 @@ def cmd_reproduce(args) -> int:
             raise UserError(f"--setting applies to the palimpsa study only, not '{args.study}'")
         extra["setting"] = args.setting
     jobs, shard = parse_jobs(args.jobs), Shard.parse(args.shard) if args.shard is not None else None
+    if args.compile:  # passed only when asked, so a study's run() without the option still runs plain
+        extra["compile"] = True
     out = STUDIES[args.study](out=Path(args.out), quick=args.quick, data_dir=args.data_dir, device=args.device,
                               jobs=jobs, shard=shard, threads=threads, **extra)
     if shard is not None:
@@ -238,7 +240,7 @@ def cmd_reproduce_all(args) -> int:
     if args.setting is not None:
         raise UserError("--setting applies to the palimpsa study only; 'all' runs each study's quick or full setting")
     manifest = run_suite(args.out, quick=args.quick, data_dir=args.data_dir, device=args.device, jobs=args.jobs,
-                         force=args.force, threads=args.threads)
+                         force=args.force, threads=args.threads, compile=args.compile)
     report, page = write_report(args.out), write_page(args.out)
     print("\n".join(summary_lines(args.out) + [f"report: {report}", f"page:   {page}"]))
     return 1 if failed(manifest) else 0
@@ -347,9 +349,9 @@ def _reproduce_description() -> str:
         "\n".join(f"  {name:<10} {text}{quick(name) if name in QUICK_SECONDS else ''}"
                   for name, text in ABOUT.items()) + \
         "\n  all        every study above into OUT, in order, then OUT/REPORT.md and OUT/report.html (one " \
-        "table of\n             every claim); resumable: a study complete in OUT with the same mode and " \
-        "setting is reused\n             (OUT/suite.json); a failed study is reported and the others " \
-        "still run (exit 1)"
+        "table of\n             every claim); resumable: a study complete in OUT with the same mode, " \
+        "setting and --compile\n             is reused (OUT/suite.json); a failed study is reported and the " \
+        "others still run (exit 1)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint, with its own config unless --config "
                         "is given; overrides may change only schedule-neutral keys (logging, evals, stop_at, "
-                        "device, threads)")
+                        "device, threads, compile)")
     p.add_argument("--resume-from", metavar="CKPT", help="continue from another run's checkpoint, into --out")
     p.add_argument("--data-dir", help="folder holding file corpora (default $ROUTEMEM_DATA)")
     p.add_argument("--json", action="store_true",
@@ -417,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where tensors and models run (default auto: cuda when available); on cuda the "
                         "CPU-only forms are skipped, with the reason recorded")
     p.add_argument("--quick", action="store_true", help="fewer lengths and repeats (a smoke run)")
+    p.add_argument("--compile", action="store_true",
+                   help="time every module and op through torch.compile(fullgraph=True) (env.compile records "
+                        "it; a form that does not compile is a skipped row saying why). Each compile is paid "
+                        "up front, untimed: measured up to 35 s per op or model on a 2-core VM (Intel Xeon), "
+                        "1-6 s once torch's on-disk cache holds it, so a quick suite takes minutes longer. "
+                        "The train suite always times compiled against eager training steps; with --compile "
+                        "its Trainer-vs-plain rows are compiled too")
     p.add_argument("--out", help="also write the JSON to this file")
     p.set_defaults(func=cmd_bench)
 
@@ -440,6 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads per run (default 1). Beside one busy process on a 2-core VM, two threads "
                         "ran a quick study 4-15x slower than idle, one thread 4-24%% slower; idle, two threads "
                         "were 1.3-1.5x faster. The count changes float sums, so every run of a study uses the same")
+    p.add_argument("--compile", action="store_true",
+                   help="train every run of the study through torch.compile(model, fullgraph=True) "
+                        "(train.compile=true; evaluations stay eager). Each run pays its compile up front, "
+                        "at its first step: measured 15-35 s per model on a 2-core VM (Intel Xeon) the first "
+                        "time a shape is compiled, 1-6 s once torch's on-disk cache holds it; compiled steps "
+                        "were 1.0-1.5x faster there (routemem bench train). results.json records compile; the "
+                        "run cache keys on it (compiled and eager runs never stand in for each other). "
+                        "ocl-baselines and rwf train ViT learners it does not reach (results.json says so)")
     p.add_argument("--shard", metavar="I/N", help="train only runs I, I+N, I+2N, ... (0 <= I < N) into "
                    "OUT/<study>/runs/ and stop; a last run without --shard writes the report")
     p.add_argument("--force", action="store_true", help="all only: run every study again, none reused; "

@@ -63,6 +63,8 @@ def tiny_train(monkeypatch):
     tiny["train"]["batch_size"] = 4
     monkeypatch.setattr(train_bench, "BENCH_CONFIG", tiny)
     monkeypatch.setattr(train_bench, "ROUNDS", {"quick": (3, 3), "full": (), "quick_cuda": (), "full_cuda": ()})
+    # no compiled-vs-eager pairs here (a compile is seconds): tests/test_compile_config.py times one
+    monkeypatch.setattr(train_bench, "COMPILED_MECHANISMS", {})
 
 
 @pytest.fixture
@@ -161,12 +163,13 @@ def test_apn_suite_shape_targets_params_and_routing(tmp_path, tiny_apn):
     out = tmp_path / "b.json"
     result = run_suite("apn", quick=True, out=str(out), device="cpu")
     rows = check_shape(result, "apn", out)
-    expected = {"apn_layer/grouped", "apn_layer/reference", "apn_layer/fused", "dense_ffn/same_params",
-                "dense_ffn/4d_hidden", "patch_mixture/grouped", "patch_mixture/reference", "patch_mixture/fused"}
+    expected = {"apn_layer/grouped", "apn_layer/reference", "apn_layer/fused", "apn_layer/grouped_mm",
+                "dense_ffn/same_params", "dense_ffn/4d_hidden", "patch_mixture/grouped", "patch_mixture/reference",
+                "patch_mixture/fused", "patch_mixture/grouped_mm"}
     assert {"/".join(name.split("/")[:2]) for name in rows} == expected
     assert ("skipped" in rows["patch_mixture/fused/fwd/near_uniform"]) != apn_bench.fused.available()
     targets = {t["name"]: t for t in result["targets"]}
-    for mode in ("grouped", "fused"):
+    for mode in ("grouped", "fused", "grouped_mm"):
         for tag in ("fwd", "fwd_bwd"):
             speedup = targets[f"patch_mixture_{mode}_speedup_over_reference_{tag}"]
             dense = targets[f"apn_layer_{mode}_over_dense_{tag}"]
@@ -175,6 +178,16 @@ def test_apn_suite_shape_targets_params_and_routing(tmp_path, tiny_apn):
             assert dense["denominator"]["mode"] == "same_params"
     info = result["info"]
     assert info["max_abs_diff_grouped_vs_reference"] < 1e-5  # the layer in both modes: one function
+    assert info["max_abs_diff_grouped_mm_vs_reference"] < 1e-5
+    # grouped_mm's time over grouped's and fused's, for each of its 6 rows; None only where fused is skipped
+    ratios = info["grouped_mm_ratios"]
+    assert len(ratios) == 12 and info["setup"]["compile"] is False
+    for name, ratio in ratios.items():  # "op/routing/direction: grouped_mm/other"
+        (op, routing, direction), other = name.split(": ")[0].split("/", 2), name.split("/")[-1]
+        mine, base = rows[f"{op}/grouped_mm/{direction}/{routing}"], rows[f"{op}/{other}/{direction}/{routing}"]
+        assert (ratio is None) == ("skipped" in base), name
+        if ratio is not None:
+            assert ratio == mine["median_s"] / base["median_s"], name
     # parameter counts: K d prototypes + d r code + K d r up + 2 K r gate = 768 here; the dense
     # baseline's hidden is sized to match (2 d h weights)
     params = info["params"]
@@ -289,6 +302,48 @@ def test_fused_forms_that_cannot_run_are_skipped_rows_and_unjudged_targets(tmp_p
     assert len(fused_targets) == 4
     assert all(t["met"] is None and t["ratio"] is None and "C++" in t["skipped"] for t in fused_targets)
     assert result["all_targets_met"] == all(t["met"] for t in result["targets"] if "fused" not in t["name"])
+
+
+def test_apn_compile_wraps_every_form_and_skips_one_that_does_not_compile(tiny_apn, monkeypatch):
+    # torch.compile itself is too slow for this file: a stand-in that "compiles" every form and
+    # fails to for the fused op, as a graph break would. That row is skipped with the error; the
+    # others are timed through the wrapper.
+    wrapped, compiling = [], []
+
+    def fake_compile(fn, enabled):
+        if not enabled:
+            return fn
+
+        def compiled(x):
+            compiling.append(True)
+            try:
+                return fn(x)
+            finally:
+                compiling.pop()
+        wrapped.append(fn)
+        return compiled
+
+    def patch_mixture(*args, mode):
+        if compiling and mode == "fused":
+            raise RuntimeError("graph break in the fused op\nsecond line")
+        return real_patch_mixture(*args, mode=mode)
+
+    real_patch_mixture = apn_bench.patch_mixture
+    monkeypatch.setattr(apn_bench, "maybe_compile", fake_compile)
+    monkeypatch.setattr(apn_bench, "patch_mixture", patch_mixture)
+    result = apn_bench.run(quick=True, device="cpu", compile=True)
+    assert result["info"]["setup"]["compile"] is True
+    assert len(wrapped) == len(result["rows"]) // 2  # every form, fwd and fwd+bwd rows each
+    rows = {row_key(r): r for r in result["rows"]}
+    if apn_bench.fused.available():
+        for routing in ("near_uniform", "skewed"):
+            reason = rows[f"patch_mixture/fused/fwd+bwd/{routing}"]["skipped"]
+            assert reason == "torch.compile(fullgraph=True) failed: RuntimeError: graph break in the fused op"
+        assert "skipped" not in rows["apn_layer/fused/fwd/near_uniform"]
+    assert all("skipped" not in r for r in result["rows"] if r["mode"] != "fused")
+    wrapped.clear()
+    apn_bench.run(quick=True, device="cpu")
+    assert wrapped == []  # compile=False, the default: nothing wrapped
 
 
 @pytest.mark.parametrize("ratio, comparison, met", [(2.0, "<=", True), (3.0, "<=", True), (3.5, "<=", False),

@@ -2,9 +2,10 @@
 
 Every suite reports one JSON shape: ``suite``, ``env`` (the machine header), ``quick``, ``rows``
 (one flat record per measurement), ``targets`` (ratio, threshold, comparison, met) and
-``all_targets_met``, plus suite-specific context under ``info``. Each row names what it measured
-and its timing statistics; each target compares a ratio of two rows with its threshold (``met``
-says whether it holds). Every field and how targets are judged are documented in full in
+``all_targets_met``, plus suite-specific context under ``info``. ``env["compile"]`` says whether
+the suite ran under ``--compile`` (its modules and ops timed through ``torch.compile``). Each row
+names what it measured and its timing statistics; each target compares a ratio of two rows with
+its threshold (``met`` says whether it holds). Every field and how targets are judged are documented in full in
 docs/benchmarks.md of the source repository (a wheel does not ship docs/).
 
 The suites are imported when run, so listing them (``routemem bench --help``) stays cheap. A suite
@@ -17,18 +18,24 @@ import importlib
 
 # name -> what it measures, in a few words (``routemem bench --help`` prints these)
 SUITES: dict[str, str] = {
-    "train": "Trainer.fit tokens/s against a minimal hand-written training loop (overhead <= 10%)",
+    "train": "Trainer.fit tokens/s against a minimal hand-written training loop (overhead <= 10%); "
+             "compiled vs eager training steps of four mechanisms",
     "palimpsa": "metaplastic attention chunk/fused vs its reference loop, GLA, gated delta and SDPA",
-    "apn": "Attractor Patch FFN grouped/fused vs reference, and vs a same-parameter dense FFN",
+    "apn": "Attractor Patch FFN grouped/fused/grouped_mm vs reference, and vs a same-parameter dense FFN",
     "fast-slow": "fast_slow mixer (gate open, P=4/16) vs the plain attention mixer, T=256..4096",
     "sparse": "hard top-k gated attention (fast form, gate's cost included) vs dense causal SDPA, T=1024, 4096",
     "vit": "the small ViT's images/s, fwd and fwd+bwd, plain and with L2P / DualPrompt / CODA-Prompt prompts",
 }
 
 
-def run_suite(name: str, quick: bool = False, out: str | None = None, device: str = "auto") -> dict:
+def run_suite(name: str, quick: bool = False, out: str | None = None, device: str = "auto",
+              compile: bool = False) -> dict:
     """Run suite ``name`` on ``device`` (auto | cpu | cuda, or a torch.device); the result dict,
-    also written atomically to ``out`` when given."""
+    also written atomically to ``out`` when given. ``compile``: the suite times its modules and ops
+    through ``torch.compile(fullgraph=True)`` (``routemem bench --compile``; a form that does not
+    compile is a skipped row saying why); ``env["compile"]`` records it."""
+    import inspect
+
     from routemem.bench.common import write_json
     from routemem.errors import UserError
     from routemem.machine import machine_header, resolve_device
@@ -37,10 +44,34 @@ def run_suite(name: str, quick: bool = False, out: str | None = None, device: st
         raise UserError(f"unknown benchmark suite '{name}' (available: {', '.join(sorted(SUITES))})")
     resolved = resolve_device(device)
     module = importlib.import_module(f"routemem.bench.{name.replace('-', '_')}")  # fast-slow -> fast_slow
-    measured = module.run(quick=quick, device=resolved)
-    result = {"suite": name, "env": machine_header(resolved), "quick": quick,
+    options = {}
+    if "compile" in inspect.signature(module.run).parameters:
+        options["compile"] = bool(compile)
+    elif compile:
+        raise UserError(f"benchmark suite '{name}' does not take --compile yet")
+    measured = module.run(quick=quick, device=resolved, **options)
+    result = {"suite": name, "env": {**machine_header(resolved), "compile": bool(compile)}, "quick": quick,
               "rows": measured["rows"], "targets": measured["targets"],
               "all_targets_met": measured["all_targets_met"], "info": measured.get("info", {})}
     if out:
         write_json(out, result)
     return result
+
+
+def first_call(call, device) -> tuple[float, str | None]:
+    """Seconds of the first call of ``call()`` (a ``--compile`` row's compile, paid outside the timed
+    calls), and None, or the one-line reason it failed: a form that does not compile (a graph break
+    under fullgraph=True, an op dynamo cannot trace) becomes a skipped row, not the end of the suite."""
+    from routemem.bench.common import seconds
+
+    try:
+        return seconds(call, device), None
+    except Exception as err:  # noqa: BLE001  torch.compile raises many kinds; the row says which
+        return 0.0, compile_failure(err)
+
+
+def compile_failure(err: BaseException) -> str:
+    """``err`` as a skipped row's reason: one line, its type and the first line of its message."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    text = f"torch.compile(fullgraph=True) failed: {type(err).__name__}: {first}".rstrip(": ")
+    return text if len(text) <= 240 else text[:237] + "..."

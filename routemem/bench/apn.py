@@ -13,9 +13,15 @@ for fwd and for fwd+bwd:
   load-balance aux loss and the router statistics: what a training step runs).
 
 The same two thresholds are judged for the fused kernel as their own targets (skipped, not failed,
-where it does not run: on a GPU, or without a C++ compiler).
+where it does not run: on a GPU, or without a C++ compiler), and for ``grouped_mm`` (torch's jagged
+grouped matmul, ops/apn/grouped_mm.py); ``info["grouped_mm_ratios"]`` gives its time over grouped's
+and over fused's for every pair of rows (below 1: grouped_mm is faster).
 fwd+bwd backpropagates a fixed random output gradient (plus the aux loss) into the input and every
 parameter. The plain 4d-hidden dense FFN is timed too, as a reference point outside the targets.
+
+``compile=True`` (``routemem bench apn --compile``) times every form under
+``torch.compile(fullgraph=True)``, compiled by one untimed call in each direction before timing; a
+form that does not compile is a skipped row whose reason is the error, and the others still run.
 """
 
 from __future__ import annotations
@@ -25,13 +31,16 @@ import math
 import torch
 import torch.nn.functional as F
 
+from routemem.bench import first_call
 from routemem.bench.common import (
     CPU_ONLY_FUSED,
     FWD,
     FWD_BWD,
     all_met,
     backward_memory,
+    find_row,
     interleaved_runs,
+    maybe_compile,
     memory_measure,
     row,
     target,
@@ -60,6 +69,7 @@ ROUNDS = {"quick": 1, "full": 5}
 REPEATS = {"quick": 2, "full": 7}
 REFERENCE_REPEATS = {"quick": 1, "full": 3}
 SEED = 0
+RECOMPILE_LIMIT = 64  # graphs per code object under compile=True: 2 per variant sharing it, with room
 
 
 def _spec() -> LayerSpec:
@@ -88,11 +98,15 @@ def _build(device: torch.device) -> dict:
         fused_layer = AttractorPatchFFN(_spec(), n_patches=K, rank=R, top_k=TOP_K, tau=TAU,
                                         load_balance=LOAD_BALANCE, mode="fused")
         fused_layer.load_state_dict(grouped.state_dict())
+        grouped_mm = AttractorPatchFFN(_spec(), n_patches=K, rank=R, top_k=TOP_K, tau=TAU,
+                                       load_balance=LOAD_BALANCE, mode="grouped_mm")
+        grouped_mm.load_state_dict(grouped.state_dict())
         apn_params = _n_params(grouped)
         hidden = max(1, round(apn_params / (2 * D)))  # DenseFFN: D*h + h*D weights, no bias
         dense = DenseFFN(_spec(), hidden=hidden)
         dense_4d = DenseFFN(_spec(), hidden=4 * D)
-    modules = {"grouped": grouped, "reference": reference, "dense": dense, "dense_4d": dense_4d}
+    modules = {"grouped": grouped, "reference": reference, "grouped_mm": grouped_mm, "dense": dense,
+               "dense_4d": dense_4d}
     if device.type == "cpu" and fused.available():  # the compiled kernel: CPU, needs a C++ compiler
         modules["fused"] = fused_layer
     for module in modules.values():
@@ -123,15 +137,16 @@ def _fused_skip(device: torch.device) -> str | None:
     return None if fused.available() else "the fused C++ kernel did not build here (no C++ compiler?)"
 
 
-def _variants(modules: dict, z: torch.Tensor) -> dict:
+def _variants(modules: dict, z: torch.Tensor, compile: bool = False) -> dict:
     """(op, mode, routing) -> (description, forward(x) -> (out, aux loss or None), parameters to
-    clear, repeats key, reason it is skipped here or None)."""
+    clear, repeats key, reason it is skipped here or None). ``compile``: each forward is wrapped
+    in torch.compile(fullgraph=True) (not compiled yet: ``_compile_or_skip``)."""
 
     def layer(module):
         def forward(x):
             out = module(x)
             return out, getattr(module, "aux_loss", None)
-        return forward
+        return maybe_compile(forward, compile)
 
     apn = modules["grouped"]
     with torch.no_grad():
@@ -145,7 +160,7 @@ def _variants(modules: dict, z: torch.Tensor) -> dict:
     def op(mode, idx=indices):
         def forward(x):
             return patch_mixture(x, idx, weights, *op_params, mode=mode), None
-        return forward
+        return maybe_compile(forward, compile)
 
     def params(name):
         return list(modules[name].parameters()) if name in modules else []
@@ -162,6 +177,9 @@ def _variants(modules: dict, z: torch.Tensor) -> dict:
         (LAYER, "fused", NEAR_UNIFORM): (
             "AttractorPatchFFN, mode=fused (C++ kernel), train mode, same weights",
             layer(modules["fused"]) if "fused" in modules else None, params("fused"), "repeats", fused_skip),
+        (LAYER, "grouped_mm", NEAR_UNIFORM): (
+            "AttractorPatchFFN, mode=grouped_mm (torch grouped_mm), train mode, same weights",
+            layer(modules["grouped_mm"]), params("grouped_mm"), "repeats", None),
         (DENSE, "same_params", None): (
             "DenseFFN (GELU, no bias) with hidden sized to the APN's total parameters",
             layer(modules["dense"]), params("dense"), "repeats", None),
@@ -176,6 +194,9 @@ def _variants(modules: dict, z: torch.Tensor) -> dict:
         (OP, "fused", NEAR_UNIFORM): (
             "patch_mixture only, mode=fused, on the same fixed routing",
             op("fused"), op_params + [weights], "repeats", fused_skip),
+        (OP, "grouped_mm", NEAR_UNIFORM): (
+            "patch_mixture only, mode=grouped_mm, on the same fixed routing",
+            op("grouped_mm"), op_params + [weights], "repeats", None),
         (OP, "grouped", SKEWED): (
             f"patch_mixture only, mode=grouped, skewed routing ({skew})",
             op("grouped", skewed), op_params + [weights], "repeats", None),
@@ -185,6 +206,9 @@ def _variants(modules: dict, z: torch.Tensor) -> dict:
         (OP, "fused", SKEWED): (
             "patch_mixture only, mode=fused, the same skewed routing",
             op("fused", skewed), op_params + [weights], "repeats", fused_skip),
+        (OP, "grouped_mm", SKEWED): (
+            "patch_mixture only, mode=grouped_mm, the same skewed routing",
+            op("grouped_mm", skewed), op_params + [weights], "repeats", None),
     }
 
 
@@ -230,13 +254,38 @@ def _routing_info(apn: AttractorPatchFFN, z: torch.Tensor) -> dict:
     }
 
 
-def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
+def _compile_or_skip(variants: dict, z: torch.Tensor, grad: torch.Tensor) -> dict:
+    """Compile each measured variant by one call in each direction (dynamo keys its graphs on the
+    grad mode, so fwd and fwd+bwd compile apart). One that fails is skipped, the error its reason:
+    a form that does not trace yet must not stop the others being timed."""
+    checked = {}
+    for name, (desc, forward, params, rep, skip) in variants.items():
+        for backward in (False, True):
+            if skip is None:
+                _, skip = first_call(_once(forward, z, params, backward, grad), z.device)
+        checked[name] = (desc, forward, params, rep, skip)
+    return checked
+
+
+def run(quick: bool = False, device: torch.device | str = "cpu", compile: bool = False) -> dict:
+    if not compile:
+        return _run(quick, device, compile)
+    # The layer forwards are closures of one function, as are the op forwards, so dynamo counts
+    # all their graphs (one per variant and grad mode, 16 for the ops) against one code object's
+    # recompile limit, 8 by default: past it the rest would fail to compile.
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        return _run(quick, device, compile)
+
+
+def _run(quick: bool, device: torch.device | str, compile: bool) -> dict:
     device = torch.device(device)
     key = "quick" if quick else "full"
     z = make_input(device)
     grad = torch.randn(TOKENS, D, generator=torch.Generator().manual_seed(SEED + 1)).to(device)
     modules = _build(device)
-    variants = _variants(modules, z)
+    variants = _variants(modules, z, compile)
+    if compile:
+        variants = _compile_or_skip(variants, z, grad)
     measured = {name: v for name, v in variants.items() if v[4] is None}
     repeats = {"repeats": REPEATS[key], "reference": REFERENCE_REPEATS[key]}
     directions = ((FWD, False), (FWD_BWD, True))
@@ -257,7 +306,8 @@ def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
                             _memory(forward, z, params, backward, grad), memory_measure(device)))
 
     with torch.no_grad():
-        diff = float((modules["grouped"](z) - modules["reference"](z)).abs().max())
+        want = modules["reference"](z)
+        diff = {mode: float((modules[mode](z) - want).abs().max()) for mode in ("grouped", "grouped_mm")}
     apn = modules["grouped"]
     info = {
         "setup": {"tau": TAU, "load_balance": LOAD_BALANCE, "dtype": str(z.dtype),
@@ -265,7 +315,8 @@ def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
                            "fwd under torch.no_grad; fwd+bwd backpropagates a fixed random output "
                            "gradient (+ the aux loss) into the input and all parameters",
                   "rounds": ROUNDS[key], "repeats_per_round": repeats["repeats"],
-                  "reference_repeats_per_round": repeats["reference"], "warmup": 1},
+                  "reference_repeats_per_round": repeats["reference"], "warmup": 1,
+                  "compile": compile},
         "variants": {f"{op}/{mode}" + (f"/{routing}" if routing else ""): desc
                      for (op, mode, routing), (desc, *_) in variants.items()},
         "routing": _routing_info(apn, z),
@@ -277,7 +328,9 @@ def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
             "dense_4d_hidden": modules["dense_4d"].up.out_features,
             "dense_4d_total": _n_params(modules["dense_4d"]),
         },
-        "max_abs_diff_grouped_vs_reference": diff,
+        "max_abs_diff_grouped_vs_reference": diff["grouped"],
+        "max_abs_diff_grouped_mm_vs_reference": diff["grouped_mm"],
+        "grouped_mm_ratios": _grouped_mm_ratios(rows),
     }
     targets = _targets(rows)
     return {"rows": rows, "targets": targets, "all_targets_met": all_met(targets), "info": info}
@@ -285,9 +338,9 @@ def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
 
 def _targets(rows: list[dict]) -> list[dict]:
     """The issue's two thresholds, for fwd and for fwd+bwd, for the grouped form; the same for the
-    fused kernel, as their own entries (skipped where it does not run)."""
+    fused kernel and for grouped_mm, as their own entries (skipped where they do not run)."""
     found = []
-    for mode in ("grouped", "fused"):
+    for mode in ("grouped", "fused", "grouped_mm"):
         for direction in (FWD, FWD_BWD):
             tag = direction.replace("+", "_")  # fwd | fwd_bwd, for a plain identifier
             found.append(target(
@@ -305,3 +358,19 @@ def _targets(rows: list[dict]) -> list[dict]:
                 {"op": DENSE, "mode": "same_params", "direction": direction},
                 DENSE_RATIO_TARGET, "<="))
     return found
+
+
+def _grouped_mm_ratios(rows: list[dict]) -> dict:
+    """grouped_mm's median time over grouped's and over fused's for each (op, routing, direction)
+    both were timed in: "patch_mixture/near_uniform/fwd: grouped_mm/fused" -> ratio (None where
+    either row is skipped)."""
+    ratios = {}
+    for r in rows:
+        if r["mode"] != "grouped_mm":
+            continue
+        for other in ("grouped", "fused"):
+            base = find_row(rows, op=r["op"], mode=other, routing=r["routing"], direction=r["direction"])
+            measured = base is not None and r["median_s"] is not None and base["median_s"] is not None
+            ratios[f"{r['op']}/{r['routing']}/{r['direction']}: grouped_mm/{other}"] = (
+                r["median_s"] / base["median_s"] if measured else None)
+    return ratios

@@ -14,6 +14,10 @@ Each T builds both mixers once; ROUNDS rounds then time every variant (attention
 P) in turn, REPEATS calls each after one warm-up, so that drift in machine load hits all of them
 alike; the median is over every round's runs. fwd runs under torch.no_grad; fwd+bwd backpropagates
 a fixed random output gradient into the input and every parameter.
+
+Under ``--compile`` each mixer is timed through ``torch.compile(module, fullgraph=True)``, compiled
+afresh per T (static shapes) in an untimed first call per direction (its seconds in
+``info["compile_s"]``); a mixer that does not compile gets skipped rows with the reason.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from routemem.bench import first_call
 from routemem.bench.common import (
     FWD,
     FWD_BWD,
     all_met,
     backward_memory,
     interleaved_runs,
+    maybe_compile,
     memory_measure,
     row,
     target,
@@ -86,31 +92,51 @@ def _memory(module: torch.nn.Module, x: torch.Tensor, backward: bool, grad: torc
                            backward, x.device)
 
 
+def _label(op: str, P: int | None) -> str:
+    return ATTENTION if P is None else f"{op}_P{P}"
+
+
 def _n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
+def run(quick: bool = False, device: torch.device | str = "cpu", compile: bool = False) -> dict:
     device = torch.device(device)
     key = "quick" if quick else "full"
     lengths = LENGTHS["quick" if quick else "full_cuda" if device.type == "cuda" else "full"]
     blocks = BLOCKS[key]
     directions = ((FWD, False), (FWD_BWD, True))
-    rows, params = [], {}
+    rows, params, compile_s = [], {}, {}
     for T in lengths:
         x = make_input(T, device)
         grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(SEED + 1)).to(device)
         modules = _build(T, blocks, device)
+        if compile:
+            torch._dynamo.reset()  # this length compiles afresh: static shapes, no recompile limit
+        called = {name: maybe_compile(module, compile) for name, module in modules.items()}
+        skipped = {}  # (name, direction) -> why, for a mixer that does not compile
+        if compile:  # the compiles, untimed, before the rounds
+            for name, module in called.items():
+                for direction, backward in directions:
+                    took, why = first_call(_once(module, x, backward, grad), device)
+                    if why:
+                        skipped[name, direction] = why
+                    else:
+                        compile_s[f"{_label(*name)}/{direction}/T{T}"] = took
         runs = interleaved_runs({(name, direction): (_once(module, x, backward, grad), REPEATS[key])
-                                 for name, module in modules.items() for direction, backward in directions},
+                                 for name, module in called.items() for direction, backward in directions
+                                 if (name, direction) not in skipped},
                                 ROUNDS[key], device=device)
-        for (op, P), module in modules.items():
+        for (op, P), module in called.items():
             names = {"op": op, "mode": "causal" if op == ATTENTION else "coupled", "T": T, "P": P, **SHAPE}
             for direction, backward in directions:
+                if ((op, P), direction) in skipped:
+                    rows.append(row(names, direction, skipped=skipped[(op, P), direction]))
+                    continue
                 rows.append(row(names, direction, runs[(op, P), direction], _memory(module, x, backward, grad),
                                 memory_measure(device)))
-        params = {ATTENTION if P is None else f"{op}_P{P}": _n_params(m) for (op, P), m in modules.items()}
-        del modules, x, grad
+        params = {_label(op, P): _n_params(m) for (op, P), m in modules.items()}
+        del modules, called, x, grad
 
     info = {
         "setup": {**SHAPE, "gate": "vector", "gate_value": GATE_OPEN, "slow_heads": SHAPE["n_head"],
@@ -121,6 +147,8 @@ def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
                   "rounds": ROUNDS[key], "repeats_per_round": REPEATS[key], "warmup": 1},
         "params": params,
     }
+    if compile:
+        info["compile_s"] = compile_s
     targets = _targets(rows)
     return {"rows": rows, "targets": targets, "all_targets_met": all_met(targets), "info": info}
 

@@ -7,6 +7,11 @@ palimpsa is within 3x of GLA's chunk form. The GLA ratio is judged for both fast
 target: the PyTorch chunk form and the fused C++ kernel (what ``mode="auto"``, the layers' default,
 runs on a CPU; skipped on a GPU). Memory on a CPU: bytes autograd saves for backward, with the chunk
 form's recomputing backward (mode "chunk") and with plain autograd through it ("chunk_autograd").
+
+Under ``--compile`` every op call is timed through ``torch.compile(fn, fullgraph=True)`` (each length
+compiled afresh, static shapes; the compile is the untimed warm-up, its seconds in
+``info["compile_s"]``), except the reference loop, which compiling would unroll T steps of (skipped,
+so the reference target is not judged); a form that does not compile is a skipped row with the reason.
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from routemem.bench import first_call
 from routemem.bench.common import (
     CPU_ONLY_FUSED,
     FWD,
     FWD_BWD,
     all_met,
     backward_memory,
+    maybe_compile,
     median_seconds,
     memory_measure,
     row,
@@ -37,6 +44,7 @@ TARGET_T = 1024  # the length the targets are checked at
 # a GPU runs the long lengths in well under a second, so its full run adds one
 LENGTHS = {"quick": (256, 1024), "full": (256, 1024, 4096), "full_cuda": (256, 1024, 4096, 16384)}
 REFERENCE_MAX_T = 1024  # the reference loop is skipped beyond this (minutes; its trend is clear)
+NOT_COMPILED_REFERENCE = "not compiled: torch.compile would unroll the reference loop's T steps (minutes)"
 
 
 def make_inputs(T: int, seed: int = 0, dtype=torch.float32,
@@ -101,27 +109,37 @@ def _memory(fn, inputs: dict[str, torch.Tensor], backward: bool, device: torch.d
     return backward_memory(_call(fn, inputs, backward), lambda: fn(**leaves), leaves.values(), backward, device)
 
 
-def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
+def run(quick: bool = False, device: torch.device | str = "cpu", compile: bool = False) -> dict:
     device = torch.device(device)
     lengths = LENGTHS["quick" if quick else "full_cuda" if device.type == "cuda" else "full"]
     repeats = 3 if quick else 5
-    rows = []
+    rows, compile_s = [], {}
     for T in lengths:
         inputs = make_inputs(T, device=device)
+        if compile:
+            torch._dynamo.reset()  # this length compiles afresh: static shapes, no recompile limit
         for op, mode, fn, skip in _variants(device):
             if op == "palimpsa" and mode == "reference" and T > REFERENCE_MAX_T:
                 skip = f"the reference loop is not timed beyond T={REFERENCE_MAX_T} (minutes; its trend is clear)"
+            elif compile and mode == "reference":
+                skip = NOT_COMPILED_REFERENCE
+            fn = maybe_compile(fn, compile and not skip)
             reps = 1 if mode == "reference" and T >= 1024 else repeats
             names = {"op": op, "mode": mode, "T": T, **SHAPE}
             for direction, backward in ((FWD, False), (FWD_BWD, True)):
-                if skip:
-                    rows.append(row(names, direction, skipped=skip))
+                why = skip
+                if compile and not why:  # the compile, untimed; a form that does not compile is skipped
+                    took, why = first_call(_call(fn, inputs, backward), device)
+                    compile_s.update({} if why else {f"{op}/{mode}/{direction}/T{T}": took})
+                if why:
+                    rows.append(row(names, direction, skipped=why))
                     continue
                 timed = median_seconds(_call(fn, inputs, backward), repeats=reps, warmup=1, device=device)
                 rows.append(row(names, direction, timed["runs_s"], _memory(fn, inputs, backward, device),
                                 memory_measure(device)))
     targets = _targets(rows)
-    return {"rows": rows, "targets": targets, "all_targets_met": all_met(targets), "info": {}}
+    info = {"compile_s": compile_s} if compile else {}
+    return {"rows": rows, "targets": targets, "all_targets_met": all_met(targets), "info": info}
 
 
 def _targets(rows: list[dict]) -> list[dict]:

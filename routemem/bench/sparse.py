@@ -17,6 +17,11 @@ Each T draws its inputs once; ROUNDS rounds then time every variant in turn, REP
 after one warm-up, so that drift in machine load hits all alike; the median is over every round's
 runs. fwd runs under torch.no_grad; fwd+bwd backpropagates a fixed random output gradient into
 q, k, v (and into gq, gk, which the hard path's integer selection leaves at no gradient).
+
+Under ``--compile`` each variant's call is timed through ``torch.compile(fn, fullgraph=True)``,
+compiled afresh per T (static shapes) in an untimed first call per direction (its seconds in
+``info["compile_s"]``); a variant that does not compile gets skipped rows with the reason (and no
+gate share).
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from routemem.bench import first_call
 from routemem.bench.common import (
     FWD,
     FWD_BWD,
     all_met,
     backward_memory,
     interleaved_runs,
+    maybe_compile,
     memory_measure,
     row,
     target,
@@ -94,23 +101,38 @@ def _memory(fn, inputs: dict, backward: bool, grad: torch.Tensor, device: torch.
                            backward, device)
 
 
-def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
+def run(quick: bool = False, device: torch.device | str = "cpu", compile: bool = False) -> dict:
     device = torch.device(device)
     key = "quick" if quick else "full"
     directions = ((FWD, False), (FWD_BWD, True))
-    rows, gate_share = [], {}
+    rows, gate_share, compile_s = [], {}, {}
     for T in LENGTHS[key]:
         inputs = make_inputs(T, device)
         grad = torch.randn(inputs["v"].shape, generator=torch.Generator().manual_seed(SEED + 1)).to(device)
-        variants = _variants(T)
+        if compile:
+            torch._dynamo.reset()  # this length compiles afresh: static shapes, no recompile limit
+        variants = {name: (maybe_compile(fn, compile), has_bwd) for name, (fn, has_bwd) in _variants(T).items()}
         timed_directions = {name: [d for d in directions if d[1] is False or has_bwd]
                             for name, (_, has_bwd) in variants.items()}
+        skipped = {}  # (name, direction) -> why, for a variant that does not compile
+        if compile:  # the compiles, untimed, before the rounds
+            for name, (fn, _) in variants.items():
+                for direction, backward in timed_directions[name]:
+                    took, why = first_call(_once(fn, inputs, backward, grad), device)
+                    if why:
+                        skipped[name, direction] = why
+                    else:
+                        compile_s[f"{'/'.join(name)}/{direction}/T{T}"] = took
         runs = interleaved_runs({(name, direction): (_once(fn, inputs, backward, grad), REPEATS[key])
                                  for name, (fn, _) in variants.items()
-                                 for direction, backward in timed_directions[name]}, ROUNDS[key], device=device)
+                                 for direction, backward in timed_directions[name]
+                                 if (name, direction) not in skipped}, ROUNDS[key], device=device)
         for (op, mode), (fn, _) in variants.items():
             names = {"op": op, "mode": mode, "T": T, "top_k": top_k(T), **SHAPE}
             for direction, backward in timed_directions[op, mode]:
+                if ((op, mode), direction) in skipped:
+                    rows.append(row(names, direction, skipped=skipped[(op, mode), direction]))
+                    continue
                 rows.append(row(names, direction, runs[(op, mode), direction],
                                 _memory(fn, inputs, backward, grad, device), memory_measure(device)))
         gate_share[f"T{T}"] = _gate_share(rows, T)
@@ -126,6 +148,8 @@ def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
                   "rounds": ROUNDS[key], "repeats_per_round": REPEATS[key], "warmup": 1},
         "gate_share": gate_share,
     }
+    if compile:
+        info["compile_s"] = compile_s
     targets = _targets(rows)
     return {"rows": rows, "targets": targets, "all_targets_met": all_met(targets), "info": info}
 
@@ -137,6 +161,8 @@ def _gate_share(rows: list[dict], T: int) -> dict:
         op, mode = op_mode
         return next(r["median_s"] for r in rows if (r["op"], r["mode"], r["T"], r["direction"]) == (op, mode, T, FWD))
 
+    if any(median(name) is None for name in (HARD, DENSE, GATE_SCORES, GATE_SELECT)):  # skipped (--compile)
+        return {"skipped": "a row it divides was skipped"}
     hard = median(HARD)
     return {"gate_scores_over_hard_fwd": median(GATE_SCORES) / hard,
             "gate_select_over_hard_fwd": median(GATE_SELECT) / hard,

@@ -23,6 +23,10 @@ device runs it natively (the Trainer's ``precision: auto``), else float32; rows 
 Variants are built once and timed in interleaved rounds (``interleaved_runs``). ``info`` gives
 images/s per mode and direction and each prompted mode's images/s over the plain ViT's.
 
+Under ``--compile`` each mode's timed forward (prompt module and ViT, as above) runs through
+``torch.compile(forward, fullgraph=True)``, compiled in an untimed first call per direction (its
+seconds in ``info["compile_s"]``); a mode that does not compile gets skipped rows with the reason.
+
 Targets (modest; the issue names none): a prompted ViT's fwd+bwd time at most ``SLACK`` (1.25)
 times the plain ViT's time scaled by the share of tokens the prompts add to every block's
 sequence: 1.25 x 90/65 for L2P, 1.25 for the prefix methods (their prefixes lengthen the keys of
@@ -34,12 +38,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from routemem.bench import first_call
 from routemem.bench.common import (
     FWD,
     FWD_BWD,
     all_met,
     backward_memory,
     interleaved_runs,
+    maybe_compile,
     memory_measure,
     row,
     target,
@@ -125,7 +131,19 @@ def sequence_lengths(vit: VisionTransformer, module, inputs: dict) -> dict:
     return {"queries": queries, "keys": keys}
 
 
-def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
+RECOMPILE_LIMIT = 32  # under --compile: every mode's forward is one closure's code (graphs: modes x directions)
+
+
+def run(quick: bool = False, device: torch.device | str = "cpu", compile: bool = False) -> dict:
+    if not compile:
+        return _run(quick, device, compile)
+    # the four modes' forwards are closures of step_fn, one code object to dynamo: its graphs (one per
+    # mode and direction, 8) would sit at the default recompile limit, past which compiling fails
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        return _run(quick, device, compile)
+
+
+def _run(quick: bool, device: torch.device | str, compile: bool) -> dict:
     device = torch.device(device)
     key = "quick" if quick else "full"
     repeats = REPEATS["full_cuda" if device.type == "cuda" and not quick else key]
@@ -136,14 +154,27 @@ def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
     directions = ((FWD, False), (FWD_BWD, True))
     forwards, params = {}, {}
     for mode, module in modules.items():
-        forwards[mode] = step_fn(vit, module, inputs, bf16)
+        forwards[mode] = maybe_compile(step_fn(vit, module, inputs, bf16), compile)
         params[mode] = list(vit.parameters()) + (list(module.parameters()) if module is not None else [])
+    skipped, compile_s = {}, {}  # (mode, direction) -> why, for a mode that does not compile
+    if compile:  # the compiles, untimed, before the rounds
+        for mode in MODES:
+            for d, backward in directions:
+                took, why = first_call(timed_call(forwards[mode], backward, params[mode]), device)
+                if why:
+                    skipped[mode, d] = why
+                else:
+                    compile_s[f"{mode}/{d}"] = took
     runs = interleaved_runs({(mode, d): (timed_call(forwards[mode], backward, params[mode]), repeats)
-                             for mode in MODES for d, backward in directions}, ROUNDS[key], device=device)
+                             for mode in MODES for d, backward in directions if (mode, d) not in skipped},
+                            ROUNDS[key], device=device)
     rows = []
     for mode in MODES:
         names = {"op": "vit", "mode": mode, "precision": precision, **SHAPE}
         for direction, backward in directions:
+            if (mode, direction) in skipped:
+                rows.append(row(names, direction, skipped=skipped[mode, direction]))
+                continue
             memory = backward_memory(timed_call(forwards[mode], backward, params[mode]), forwards[mode],
                                      [inputs["images"], *params[mode]], backward, device)
             rows.append(row(names, direction, runs[mode, direction], memory, memory_measure(device)))
@@ -151,7 +182,8 @@ def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
     B = SHAPE["B"]
     images_per_s = {mode: {} for mode in MODES}
     for r in rows:
-        images_per_s[r["mode"]][r["direction"]] = B / r["median_s"]
+        if not r.get("skipped"):
+            images_per_s[r["mode"]][r["direction"]] = B / r["median_s"]
     lengths = {mode: sequence_lengths(vit, modules[mode], inputs) for mode in MODES}
     factors = {mode: sum(lengths[mode]["queries"]) / sum(lengths["plain"]["queries"]) for mode in MODES}
     info = {
@@ -162,7 +194,8 @@ def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
                            "forward (frozen backbone, no prompts) is the plain fwd row, not included",
                   "rounds": ROUNDS[key], "repeats_per_round": repeats, "warmup": 1},
         "images_per_s": images_per_s,
-        "ratio_vs_plain": {mode: {d: images_per_s[mode][d] / images_per_s["plain"][d] for d in images_per_s[mode]}
+        "ratio_vs_plain": {mode: {d: images_per_s[mode][d] / images_per_s["plain"][d] for d in images_per_s[mode]
+                                  if d in images_per_s["plain"]}
                            for mode in MODES if mode != "plain"},
         "sequence": lengths,
         "token_factor": factors,
@@ -170,6 +203,8 @@ def run(quick: bool = False, device: torch.device | str = "cpu") -> dict:
                           for mode, m in modules.items() if m is not None},
         "vit_params": vit.num_params(),
     }
+    if compile:
+        info["compile_s"] = compile_s
     targets = [target(rows, f"{mode}_over_plain_fwd_bwd",
                       f"the ViT with {mode} prompts at most {SLACK:g} x {factors[mode]:.3f} (the share of tokens "
                       "its prompts add to every block) the fwd+bwd time of the plain ViT",

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from routemem.models.config import LMConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
+# train.compile: off, torch.compile(model, fullgraph=True), or the same with mode="reduce-overhead"
+# (CUDA graphs on a GPU; on a CPU it compiles as true does). Strings other than reduce-overhead are
+# refused, "true" and "false" too: YAML and key=value overrides already give true/false as booleans.
+COMPILE_MODES = (False, True, "reduce-overhead")
 
 
 @dataclass
@@ -44,6 +49,10 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast where the hardware supports it) | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    # false | true | reduce-overhead: train (and evaluate) through torch.compile(model, fullgraph=True);
+    # the first step (and first eval) pays the compile: 15-35 s a model on a 2-core Xeon VM the first
+    # time, a few seconds from torch's on-disk cache; checkpoints hold the plain model's weights
+    compile: Any = False  # checked below, so that a wrong type gets the same message as a wrong value
     tensorboard: bool = False
     progress: bool = True
 
@@ -62,6 +71,8 @@ class TrainConfig:
             raise ValueError(f"threads must be >= 1, or 0 for torch's default, got {self.threads}")
         if not self.grad_clip >= 0:  # also refuses nan
             raise ValueError(f"grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
+        if not (isinstance(self.compile, (bool, str)) and self.compile in COMPILE_MODES):  # 1 == True: not allowed
+            raise ValueError(f"compile must be false, true or reduce-overhead, got {self.compile!r}")
         if not 0 <= self.stop_at <= self.max_steps:
             raise ValueError(f"stop_at must be between 1 and max_steps={self.max_steps} (or 0: run to "
                              f"max_steps), got {self.stop_at}")

@@ -9,8 +9,8 @@ computation runs and what gets logged on the way, listed in ``RESUME_SAFE_KEYS``
 - ``train.log_interval``, ``train.eval_interval``, ``train.eval_tokens``: how often and how much
   is measured and checkpointed; batches are a function of (seed, step), so the weights do not change.
 - ``train.progress``, ``train.tensorboard``: what is shown and logged.
-- ``train.device``, ``train.precision``, ``train.threads``, ``train.grad_accum``: the hardware and
-  how the same global batch is computed on it (equal up to rounding).
+- ``train.device``, ``train.precision``, ``train.threads``, ``train.grad_accum``, ``train.compile``:
+  the hardware and how the same global batch is computed on it (equal up to rounding).
 - ``data.data_dir``, ``data.cache_dir``: where the same corpus and its token cache live (the
   corpus's sha256 is checked separately, so a different file under the same name is refused).
 
@@ -27,7 +27,7 @@ from routemem.errors import CheckpointError
 RESUME_SAFE_KEYS = frozenset({
     "train.stop_at", "train.log_interval", "train.eval_interval", "train.eval_tokens",
     "train.progress", "train.tensorboard",
-    "train.device", "train.precision", "train.threads", "train.grad_accum",
+    "train.device", "train.precision", "train.threads", "train.grad_accum", "train.compile",
     "data.data_dir", "data.cache_dir",
 })
 

@@ -11,6 +11,13 @@ it), while a folder whose run stopped before its first checkpoint (a diverged or
 simply started over.
 Batches are a pure function of (seed, step), so resuming at step s sees exactly the windows a
 straight run would: with the optimizer and RNG state restored, 30 + resume + 30 steps equal 60.
+
+``train.compile`` (true | reduce-overhead) runs the train steps and the evals through
+``torch.compile(model, fullgraph=True)`` (``compile_model``); ``self.model`` stays the plain module,
+so checkpoints, ``load_model`` and the layer metrics never see the compiled wrapper. Under DDP the
+compiled model is what DistributedDataParallel wraps. The same run compiled or not gives the same
+losses up to float rounding, so ``--resume`` may change train.compile, as it may change
+train.device or train.threads.
 """
 
 from __future__ import annotations
@@ -51,6 +58,16 @@ def bf16_supported(device: torch.device) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def compile_model(model: torch.nn.Module, setting: bool | str) -> torch.nn.Module:
+    """``model`` as ``train.compile`` asks: itself (false), ``torch.compile(model, fullgraph=True)``
+    (true), or that with ``mode="reduce-overhead"`` (CUDA graphs on a GPU). Compiling happens at the
+    first call (seconds to a minute, docs/benchmarks.md); a graph break there is an error, not a silent
+    fallback to eager. The wrapper shares the model's parameters: train it, save ``model``."""
+    if setting is False:
+        return model
+    return torch.compile(model, fullgraph=True, mode="reduce-overhead" if setting == "reduce-overhead" else None)
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
@@ -124,10 +141,14 @@ class Trainer:
         self.machine = machine_header(self.device) if self.dist.is_main else {}
         if checkpoint is not None:
             self._restore(checkpoint)
-        self.ddp_model = self.model
+        # what train steps and evals call: the model, compiled when train.compile asks; under DDP the
+        # compiled model is what DistributedDataParallel wraps (torch.compile of the DDP module
+        # itself breaks the graph at DDP's reducer, which fullgraph=True refuses)
+        self.eval_model = compile_model(self.model, tcfg.compile)
+        self.ddp_model = self.eval_model
         if self.dist.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp_model = DistributedDataParallel(self.model, device_ids=device_ids)
+            self.ddp_model = DistributedDataParallel(self.eval_model, device_ids=device_ids)
         if tcfg.tensorboard:
             require_tensorboard()
         if self.dist.is_main:  # everything checked: only now does the run directory appear
@@ -232,7 +253,7 @@ class Trainer:
         return mean_loss
 
     def evaluate(self, split: str, max_tokens: int | None = None) -> dict:
-        return evaluate(self.model, self.splits[split], seq_len=self.cfg.seq_len,
+        return evaluate(self.eval_model, self.splits[split], seq_len=self.cfg.seq_len,
                         batch_size=max(1, self.cfg.train.batch_size // self.cfg.train.grad_accum),
                         tokenizer=self.tokenizer, max_tokens=max_tokens, device=self.device,
                         bf16=self.bf16, name=f"corpus '{self.cfg.data.corpus}' split '{split}'")
@@ -322,7 +343,8 @@ class Trainer:
             {**result, "corpus": self.corpus.name, "corpus_sha256": self.corpus.sha256,
              "num_params": self.model.num_params(),
              "num_params_non_embedding": self.model.num_params(include_embeddings=False),
-             "git_commit": header["git_commit"], "machine": header}, indent=2))
+             "compile": self.cfg.train.compile, "git_commit": header["git_commit"], "machine": header},
+            indent=2))
         plot_loss(self.logger.records(), self.out_dir / "loss.png",
                   title=f"{self.corpus.name}: {self.model.num_params():,} parameters")
 

@@ -39,8 +39,8 @@ from routemem.experiments.absorption import distill as absorption_distill
 from routemem.experiments.absorption import report as absorption_report
 from routemem.experiments.shared import adaptation
 from routemem.experiments.shared.cache import RunCache, run_key
-from routemem.experiments.shared.common import use_bf16, write_outputs
-from routemem.experiments.shared.runner import Execution, Unit, run_units
+from routemem.experiments.shared.common import compile_fields, use_bf16, write_outputs
+from routemem.experiments.shared.runner import Execution, Unit, compiled, run_units
 from routemem.experiments.shared.text_lm import cached_splits, default_corpus, text_task
 from routemem.machine import machine_header
 from routemem.models import LMConfig, TransformerLM
@@ -143,17 +143,18 @@ def gate_grad_norm(model: TransformerLM) -> tuple[float, int]:
 
 
 def train_lm(setting: Setting, arm: str, seed: int, corpus: str, data_dir: str | None,
-             device: str = "cpu") -> tuple[TransformerLM, dict]:
+             device: str = "cpu", compile: bool = False) -> tuple[TransformerLM, dict]:
     """Train one arm; returns the model and its record: val loss along training and at the end
     (for gated arms, deployed with each of the gate, dense attention and the oracle), and the
-    gate's gradient norm at every step where the gate is learned."""
+    gate's gradient norm at every step where the gate is learned. ``compile``: train through
+    torch.compile (``reproduce --compile``; evaluations and probes stay eager)."""
     start = time.perf_counter()
     device = torch.device(device)
     task = text_task(setting, corpus, data_dir, seed)
     model = build_model(setting, arm, seed).to(device)
     steps, bf16 = setting.steps, use_bf16(setting.bf16, device)
     cfg = TrainConfig(batch_size=setting.batch_size, max_steps=steps, lr=setting.lr, min_lr=setting.lr / 10,
-                      warmup_steps=max(1, steps // 20), weight_decay=0.1, seed=seed)
+                      warmup_steps=max(1, steps // 20), weight_decay=0.1, seed=seed, compile=compile)
     curve_at = {round(steps * (i + 1) / setting.curve_points) - 1 for i in range(setting.curve_points)}
     learned_gate = arm in ("soft-learned", "hard")
     record = {"arm": arm, "seed": seed, "steps": steps, "batch_tokens": setting.batch_size * setting.seq_len,
@@ -173,8 +174,8 @@ def train_lm(setting: Setting, arm: str, seed: int, corpus: str, data_dir: str |
 
     train_start = time.perf_counter()
     try:
-        losses = fit_steps(model, task.batch_at, cfg, bf16=bf16, progress=f"{arm} seed={seed}",
-                           after_step=after_step, after_backward=after_backward)
+        losses = fit_steps(compiled(model, cfg.compile), task.batch_at, cfg, bf16=bf16,
+                           progress=f"{arm} seed={seed}", after_step=after_step, after_backward=after_backward)
     except TrainingDiverged as err:
         return model, {**record, "diverged": str(err), "seconds": time.perf_counter() - start}
     record["train_seconds"] = time.perf_counter() - train_start
@@ -195,15 +196,18 @@ def train_lm(setting: Setting, arm: str, seed: int, corpus: str, data_dir: str |
 # --- units -----------------------------------------------------------------------------------
 
 
-def lm_unit(setting: Setting, arm: str, seed: int, corpus: str, data_dir: str | None, device: str) -> list[dict]:
-    return [train_lm(setting, arm, seed, corpus, data_dir, device)[1]]
+def lm_unit(setting: Setting, arm: str, seed: int, corpus: str, data_dir: str | None, device: str,
+            compile: bool = False) -> list[dict]:
+    return [train_lm(setting, arm, seed, corpus, data_dir, device, compile)[1]]
 
 
-def coadaptation_unit(setting: Setting, seed: int, corpus: str, data_dir: str | None, device: str) -> list[dict]:
-    """Dense and hard models of one seed, then a gate distilled onto each (claim 3)."""
+def coadaptation_unit(setting: Setting, seed: int, corpus: str, data_dir: str | None, device: str,
+                      compile: bool = False) -> list[dict]:
+    """Dense and hard models of one seed, then a gate distilled onto each (claim 3). ``compile``
+    applies to the two models' training; the distillation stays eager."""
     records, models = [], {}
     for arm in ("dense", "hard"):
-        models[arm], record = train_lm(setting, arm, seed, corpus, data_dir, device)
+        models[arm], record = train_lm(setting, arm, seed, corpus, data_dir, device, compile)
         records.append(record)
     if any("diverged" in r for r in records):
         return records
@@ -224,8 +228,9 @@ def apn_setting(setting: Setting, router: str) -> adaptation.Setting:
                    seeds=setting.seeds, bf16=setting.bf16)
 
 
-def apn_unit(setting: Setting, router: str, seed: int, pair: str, data_dir: str | None, device: str) -> list[dict]:
-    runs = adaptation.train_kind(apn_setting(setting, router), "apn", pair, data_dir, seed, device)
+def apn_unit(setting: Setting, router: str, seed: int, pair: str, data_dir: str | None, device: str,
+             compile: bool = False) -> list[dict]:
+    runs = adaptation.train_kind(apn_setting(setting, router), "apn", pair, data_dir, seed, device, compile)
     return [{**run, "router": router, "study_arm": f"apn-{router}"} for run in runs]
 
 
@@ -236,24 +241,24 @@ def units(setting: Setting, corpus: str, pair: str, data_dir: str | None, device
     todo = []
     for seed in setting.seeds:
         todo.append(Unit(f"dense-hard-distill-seed{seed}", coadaptation_unit, (setting, seed, corpus, data_dir, device.type),
-                         run_key(data, ("seeds",), arms=["dense", "hard"], seed=seed)))
+                         run_key(data, ("seeds",), arms=["dense", "hard"], seed=seed), compiles=True))
         for arm in ("soft-learned", "soft-random", "mask-random"):
             todo.append(Unit(f"{arm}-seed{seed}", lm_unit, (setting, arm, seed, corpus, data_dir, device.type),
-                             run_key(data, ("seeds",), arm=arm, seed=seed)))
+                             run_key(data, ("seeds",), arm=arm, seed=seed), compiles=True))
         for router in ROUTERS:
             todo.append(Unit(f"apn-{router}-seed{seed}", apn_unit, (setting, router, seed, pair, data_dir, device.type),
-                             run_key(data, ("seeds",), router=router, seed=seed)))
+                             run_key(data, ("seeds",), router=router, seed=seed), compiles=True))
     return todo
 
 
 def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Setting | None = None,
         device: str | torch.device = "auto", jobs: int = 1, shard=None,
-        threads: int | None = None) -> dict:
+        threads: int | None = None, compile: bool = False) -> dict:
     """Writes OUT/absorption/{results.json, report.md, *.png}; finished units are kept in
     OUT/absorption/runs/ (an interrupted study resumes; shards add up). With ``shard`` it trains
     only that shard's units and returns a summary instead of writing the report."""
     setting = setting or (QUICK if quick else FULL)
-    execution = Execution.make(device, jobs, shard, threads)
+    execution = Execution.make(device, jobs, shard, threads, compile)
     corpus, pair = default_corpus(data_dir), adaptation.default_pair(data_dir)
     study_dir = Path(out) / "absorption"
     started = time.perf_counter()
@@ -273,6 +278,8 @@ def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Se
         "env": machine_header(execution.device),
         "execution": {"jobs": execution.jobs, "trained_on": cache.trained_on(),
                       "bf16": use_bf16(setting.bf16, execution.device)},
+        **compile_fields(execution.compile, "every LM and APN training run; not the gate distillation "
+                                            "(claim 3), which stays eager"),
         "data": {"train": corpus, "apn_pair": pair, "tokenizer": "bytes", "sha256": sha},
         "setting": asdict(setting),
         "claims": absorption_claims.claims(setting, lm_runs, distilled, apn_runs),

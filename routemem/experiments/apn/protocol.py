@@ -39,7 +39,7 @@ from routemem.experiments.shared.adaptation import (  # the pipeline; Setting, Q
     train_kind,
 )
 from routemem.experiments.shared.cache import RunCache, run_key
-from routemem.experiments.shared.common import best_per_seed, use_bf16, write_outputs
+from routemem.experiments.shared.common import best_per_seed, compile_fields, use_bf16, write_outputs
 from routemem.experiments.shared.runner import Execution, Unit, run_units
 from routemem.machine import machine_header
 
@@ -51,7 +51,7 @@ def units(setting: Setting, pair: str, data_dir: str | None, device: torch.devic
     # grid here: arms and adapt_lrs stay in its key (the domains' sha256 too: same pair, new text).
     data = {**asdict(setting), "pair": pair, "sha256": cached_domains(pair, data_dir)["sha256"]}
     return [Unit(f"{kind}-seed{seed}", train_kind, (setting, kind, pair, data_dir, seed, device.type),
-                 run_key(data, ("seeds",), kind=kind, seed=seed))
+                 run_key(data, ("seeds",), kind=kind, seed=seed), compiles=True)
             for seed in setting.seeds for kind in ("dense", "apn")]
 
 
@@ -64,13 +64,13 @@ def ordered(runs: list[dict], setting: Setting) -> list[dict]:
 
 def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Setting | None = None,
         pair: str | None = None, device: str | torch.device = "auto", jobs: int = 1, shard=None,
-        threads: int | None = None) -> dict:
+        threads: int | None = None, compile: bool = False) -> dict:
     """Writes OUT/apn/{results.json, report.md, forgetting_curves.png, patch_usage.png, tradeoff.png}.
     Each finished (kind, seed) unit is kept in OUT/apn/runs/, so a rerun resumes; with ``shard`` only
     that shard's units are trained and a summary (``{"shard", "trained", "reused", "runs_dir"}``)
     is returned without writing the report."""
     setting = setting or (QUICK if quick else FULL)
-    execution = Execution.make(device, jobs, shard, threads)
+    execution = Execution.make(device, jobs, shard, threads, compile)
     pair = pair or default_pair(data_dir)
     domains = cached_domains(pair, data_dir)  # a bad pair or missing corpus fails here, before any training
     study_dir = Path(out) / "apn"
@@ -89,6 +89,7 @@ def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Se
         "env": machine_header(execution.device),
         "execution": {"jobs": execution.jobs, "bf16": use_bf16(setting.bf16, execution.device),
                       "trained_on": cache.trained_on()},
+        **compile_fields(execution.compile, "every pretraining and adaptation run (evaluations eager)"),
         "data": {"train": domains["names"][0], "shift": domains["names"][1], "tokenizer": "bytes",
                  "sha256": domains["sha256"], "setting": asdict(setting)},
         "claims": apn_claims.claims(runs, chosen),

@@ -35,9 +35,9 @@ from routemem.experiments.fast_slow import claims as fast_slow_claims
 from routemem.experiments.fast_slow import report as fast_slow_report
 from routemem.experiments.fast_slow import theorem as fast_slow_theorem
 from routemem.experiments.shared.cache import RunCache, run_key
-from routemem.experiments.shared.common import use_bf16, write_outputs
+from routemem.experiments.shared.common import compile_fields, use_bf16, write_outputs
 from routemem.experiments.fast_slow.tasks import TOPICS, topic_levels, topic_task
-from routemem.experiments.shared.runner import Execution, Unit, run_units
+from routemem.experiments.shared.runner import Execution, Unit, compiled, run_units
 from routemem.experiments.shared.text_lm import cached_splits, default_corpus, text_task
 from routemem.machine import machine_header
 from routemem.models import LMConfig, TransformerLM
@@ -140,11 +140,12 @@ def slow_share(model: TransformerLM, inputs: torch.Tensor) -> list[float]:
 
 
 def train_one(setting: Setting, arm: str, tokens: int, window: int | None, seed: int, corpus: str,
-              data_dir: str | None, device: str = "cpu") -> dict:
+              data_dir: str | None, device: str = "cpu", compile: bool = False) -> dict:
     """Train one model for ``tokens`` training tokens of ``corpus`` (or of topic sequences when
     ``corpus`` is ``TOPICS``); validation loss along the way and at the end, the gate's
     statistics every ``gate_every`` steps, and the slow path's share. Built on the CPU (the same
-    initial weights on every device), then moved."""
+    initial weights on every device), then moved. ``compile``: train through torch.compile
+    (``reproduce --compile``; the evaluations and probes stay eager)."""
     start = time.perf_counter()
     device = torch.device(device)
     task = topic_task(setting, seed) if corpus == TOPICS else text_task(setting, corpus, data_dir, seed)
@@ -154,7 +155,7 @@ def train_one(setting: Setting, arm: str, tokens: int, window: int | None, seed:
     steps = setting.steps(tokens, batch_size)
     bf16 = use_bf16(setting.bf16, device)
     cfg = TrainConfig(batch_size=batch_size, max_steps=steps, lr=setting.lr, min_lr=setting.lr / 10,
-                      warmup_steps=max(1, steps // 20), weight_decay=0.1, seed=seed)
+                      warmup_steps=max(1, steps // 20), weight_decay=0.1, seed=seed, compile=compile)
     curve_at = {round(steps * (i + 1) / setting.curve_points) - 1 for i in range(setting.curve_points)}
     probe = task.probe.to(device)
     record = {"arm": arm, "task": TOPICS if corpus == TOPICS else "text", "tokens": tokens, "window": window,
@@ -174,7 +175,8 @@ def train_one(setting: Setting, arm: str, tokens: int, window: int | None, seed:
     label = f"{arm}{f'-w{window}' if window else ''} {record['task']} {tokens:,} tokens seed={seed}"
     train_start = time.perf_counter()
     try:
-        losses = fit_steps(model, task.batch_at, cfg, bf16=bf16, progress=label, after_step=after_step)
+        losses = fit_steps(compiled(model, cfg.compile), task.batch_at, cfg, bf16=bf16, progress=label,
+                           after_step=after_step)
     except TrainingDiverged as err:
         return {**record, "diverged": str(err), "seconds": time.perf_counter() - start}
     train_seconds = time.perf_counter() - train_start
@@ -270,18 +272,19 @@ def units(setting: Setting, corpus: str, data_dir: str | None, device: torch.dev
             task = TOPICS if source == TOPICS else "text"
             todo.append(Unit(run_name(arm, tokens, window, seed, task), train_one,
                              (setting, arm, tokens, window, seed, source, data_dir, device.type),
-                             run_key(data, grid, arm=arm, tokens=tokens, window=window, seed=seed, task=task)))
+                             run_key(data, grid, arm=arm, tokens=tokens, window=window, seed=seed, task=task),
+                             compiles=True))
     return todo
 
 
 def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Setting | None = None,
         device: str | torch.device = "auto", jobs: int = 1, shard=None,
-        threads: int | None = None) -> dict:
+        threads: int | None = None, compile: bool = False) -> dict:
     """Writes OUT/fast-slow/{results.json, report.md, *.png}; finished runs are kept in
     OUT/fast-slow/runs/ (an interrupted study resumes; shards add up). With ``shard`` it trains
     only that shard's units and returns a summary instead of writing the report."""
     setting = setting or (QUICK if quick else FULL)
-    execution = Execution.make(device, jobs, shard, threads)
+    execution = Execution.make(device, jobs, shard, threads, compile)
     corpus = default_corpus(data_dir)
     study_dir = Path(out) / "fast-slow"
     started = time.perf_counter()
@@ -299,6 +302,8 @@ def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Se
         "env": machine_header(execution.device),
         "execution": {"jobs": execution.jobs, "trained_on": cache.trained_on(),
                       "bf16": use_bf16(setting.bf16, execution.device)},
+        **compile_fields(execution.compile, "every training run; not the cost unit, which times the eager "
+                                            "training step of each arm (the claim on cost is about eager)"),
         "data": {"train": corpus, "tokenizer": "bytes", "sha256": {corpus: cached_splits(corpus, data_dir)["sha256"]}},
         "setting": asdict(setting),
         "claims": fast_slow_claims.claims(setting, runs, cost, theorem, topic_levels(setting)),

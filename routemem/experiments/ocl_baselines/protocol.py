@@ -36,7 +36,7 @@ import torch
 from routemem.experiments.ocl_baselines import report as ocl_report
 from routemem.experiments.ocl_baselines.claims import claims
 from routemem.experiments.shared.cache import RunCache, run_key
-from routemem.experiments.shared.common import write_outputs
+from routemem.experiments.shared.common import NOT_COMPILED, compile_fields, write_outputs
 from routemem.experiments.shared.runner import Execution, Unit, run_units
 from routemem.experiments.shared import vit_stream
 from routemem.experiments.shared.vit_stream import (  # the backbone and stream runner; Setting
@@ -94,11 +94,11 @@ def units(setting: Setting, study_dir: Path, streams: tuple[str, ...], device: t
 
 def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Setting | None = None,
         device: str | torch.device = "auto", jobs: int = 1, shard=None,
-        threads: int | None = None) -> dict:
+        threads: int | None = None, compile: bool = False) -> dict:
     """Writes OUT/ocl-baselines/{results.json, report.md, *.png}; the backbone and finished runs
     are kept in OUT/ocl-baselines/runs/ (resumable; shards add up after the backbone exists)."""
     setting = setting or (QUICK if quick else FULL)
-    execution = Execution.make(device, jobs, shard, threads)
+    execution = Execution.make(device, jobs, shard, threads, compile)
     study_dir = Path(out) / "ocl-baselines"
     started = time.perf_counter()
     streams = tuple(s for s in setting.streams if s != "digits" or digits_available())
@@ -114,6 +114,7 @@ def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Se
         "mode": "quick" if quick else "full",
         "env": machine_header(execution.device),
         "execution": {"jobs": execution.jobs, "trained_on": cache.trained_on()},
+        **compile_fields(execution.compile, NOT_COMPILED),
         "data": stream_data(setting, streams, runs),
         "setting": asdict(setting),
         "backbone": backbone.records["backbone"],

@@ -40,8 +40,8 @@ from routemem.experiments.palimpsa import checks as palimpsa_checks
 from routemem.experiments.palimpsa import claims as palimpsa_claims
 from routemem.experiments.palimpsa import report as palimpsa_report
 from routemem.experiments.shared.cache import RunCache, run_key
-from routemem.experiments.shared.common import best_per_seed, write_outputs
-from routemem.experiments.shared.runner import Execution, Unit, run_units
+from routemem.experiments.shared.common import best_per_seed, compile_fields, write_outputs
+from routemem.experiments.shared.runner import Execution, Unit, compiled, run_units
 from routemem.machine import machine_header
 from routemem.models import LMConfig, TransformerLM
 from routemem.train.config import TrainConfig
@@ -197,16 +197,18 @@ def score(model: TransformerLM, setting: Setting, n: int, seed: int) -> dict:
 
 
 def train_one(setting: Setting, mixer: str, lr: float, seed: int, device: str = "cpu",
-              d_model: int | None = None) -> dict:
+              d_model: int | None = None, compile: bool = False) -> dict:
     """One (mixer, lr, seed[, d_model]) run on ``device``: train, then validation and test scores,
     the state size and whether it left the plateau. The model is built on the CPU (the same initial
-    weights everywhere), then moved. Every mixer sees the same batches for the same seed."""
+    weights everywhere), then moved. Every mixer sees the same batches for the same seed.
+    ``compile``: train through torch.compile (``reproduce --compile``; scoring stays eager)."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     device = torch.device(device)
     model = TransformerLM(model_config(setting, mixer, d_model)).to(device)
     cfg = TrainConfig(batch_size=setting.batch_size, max_steps=setting.steps, lr=lr, min_lr=lr / 10,
-                      warmup_steps=setting.warmup_steps, weight_decay=setting.weight_decay, seed=seed)
+                      warmup_steps=setting.warmup_steps, weight_decay=setting.weight_decay, seed=seed,
+                      compile=compile)
 
     def batch_at(step: int):
         task = setting.train_tasks[step % len(setting.train_tasks)]
@@ -216,7 +218,7 @@ def train_one(setting: Setting, mixer: str, lr: float, seed: int, device: str = 
     run = {"arm": mixer, "lr": lr, "seed": seed, "d_model": d_model or setting.d_model,
            "params": model.num_params(include_embeddings=False)}
     try:
-        losses = fit_steps(model, batch_at, cfg, device=device,
+        losses = fit_steps(compiled(model, cfg.compile), batch_at, cfg, device=device,
                            progress=f"{mixer} d={run['d_model']} lr={lr:g} seed={seed}")
     except TrainingDiverged as err:
         return {**run, "diverged": str(err), "left_plateau": False, "seconds": time.perf_counter() - start}
@@ -241,10 +243,10 @@ def units(setting: Setting, device: torch.device) -> list[Unit]:
     """One unit per (seed, mixer, lr), then per (state-sweep width, seed, mixer, lr): each trains one
     model from scratch, independent of the rest."""
     main = [Unit(f"{mixer}-lr{lr:g}-seed{seed}", train_one, (setting, mixer, lr, seed, device.type),
-                 run_key(setting, GRID, mixer=mixer, lr=lr, seed=seed))
+                 run_key(setting, GRID, mixer=mixer, lr=lr, seed=seed), compiles=True)
             for seed in setting.seeds for mixer in setting.mixers for lr in setting.lrs_of(mixer)]
     sweep = [Unit(f"{mixer}-d{d}-lr{lr:g}-seed{seed}", train_one, (setting, mixer, lr, seed, device.type, d),
-                  run_key(setting, GRID, mixer=mixer, lr=lr, seed=seed, d_model=d))
+                  run_key(setting, GRID, mixer=mixer, lr=lr, seed=seed, d_model=d), compiles=True)
              for d in setting.state_sweep if d != setting.d_model for seed in setting.state_sweep_seeds
              for mixer in setting.mixers for lr in (setting.state_sweep_lrs or setting.lrs_of(mixer))]
     return main + sweep
@@ -264,14 +266,14 @@ def pick_setting(quick: bool, setting: Setting | str | None) -> tuple[Setting, s
 
 def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Setting | str | None = None,
         device: str | torch.device = "auto", jobs: int = 1, shard=None,
-        threads: int | None = None) -> dict:
-    """``routemem reproduce palimpsa [--quick | --setting paper]``: writes OUT/palimpsa/{results.json,
+        threads: int | None = None, compile: bool = False) -> dict:
+    """``routemem reproduce palimpsa [--quick | --setting paper] [--compile]``: writes OUT/palimpsa/{results.json,
     report.md, *.png}. Each finished run is kept in OUT/palimpsa/runs/, so running the same command
     again after an interruption resumes. With ``shard`` it trains only that shard's runs and returns a
     summary (``{"shard", "trained", "reused", "runs_dir"}``) without writing the report. MQAR is
     synthetic, so ``data_dir`` is unused."""
     setting, mode = pick_setting(quick, setting)
-    execution = Execution.make(device, jobs, shard, threads)
+    execution = Execution.make(device, jobs, shard, threads, compile)
     study_dir = Path(out) / "palimpsa"
     started = time.perf_counter()
     cache = RunCache(study_dir / "runs", asdict(setting))
@@ -287,6 +289,7 @@ def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Se
         "mode": mode,
         "env": machine_header(execution.device),
         "execution": {"jobs": execution.jobs, "trained_on": cache.trained_on()},
+        **compile_fields(execution.compile, "every training run (scoring, the special-case checks eager)"),
         "data": {"train": "mqar (synthetic)", "filler": "random tokens" if setting.random_filler else "zeros",
                  "setting": asdict(setting)},
         "claims": palimpsa_claims.claims(setting, chosen, palimpsa_checks.special_case_claim(),

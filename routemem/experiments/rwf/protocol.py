@@ -53,7 +53,7 @@ from routemem.experiments.shared import vit_stream
 from routemem.experiments.rwf import claims as rwf_claims
 from routemem.experiments.rwf import report as rwf_report
 from routemem.experiments.shared.cache import RunCache, run_key
-from routemem.experiments.shared.common import write_outputs
+from routemem.experiments.shared.common import NOT_COMPILED, compile_fields, write_outputs
 from routemem.experiments.shared.vit_stream import (  # BACKBONE_FIELDS: what pretrain_backbone reads
     BACKBONE_FIELDS,
     backbone_path,
@@ -231,11 +231,11 @@ def units(setting: Setting, study_dir: Path, streams: tuple[str, ...], device: t
 
 def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Setting | None = None,
         device: str | torch.device = "auto", jobs: int = 1, shard=None,
-        threads: int | None = None) -> dict:
+        threads: int | None = None, compile: bool = False) -> dict:
     """Writes OUT/rwf/{results.json, report.md, *.png}; the backbone and finished runs are kept in
     OUT/rwf/runs/ (resumable; shards add up after the backbone exists)."""
     setting = setting or (QUICK if quick else FULL)
-    execution = Execution.make(device, jobs, shard, threads)
+    execution = Execution.make(device, jobs, shard, threads, compile)
     study_dir = Path(out) / "rwf"
     started = time.perf_counter()
     streams = tuple(s for s in setting.streams if s != "digits" or digits_available())
@@ -254,6 +254,7 @@ def run(out: Path, quick: bool = False, data_dir: str | None = None, setting: Se
         "mode": "quick" if quick else "full",
         "env": machine_header(execution.device),
         "execution": {"jobs": execution.jobs, "trained_on": cache.trained_on()},
+        **compile_fields(execution.compile, NOT_COMPILED),
         "data": stream_data(setting, streams, runs),
         "setting": asdict(setting),
         "ablations": {"stream": ABLATION_STREAM, "arms": {a: arms[a] for a in ablations},

@@ -28,6 +28,7 @@ import torch
 from routemem.data import ByteTokenizer, WindowSampler, load_corpus, load_splits
 from routemem.errors import ConfigError, DataError, TrainingDiverged
 from routemem.experiments.shared.common import use_bf16
+from routemem.experiments.shared.runner import compiled
 from routemem.layers import AttractorPatchFFN, LayerSpec
 from routemem.layers.lora import LoRALinear, add_lora
 from routemem.models import LMConfig, TransformerLM
@@ -132,24 +133,27 @@ def perplexity(model, tokens: np.ndarray, setting: Setting, max_tokens: int) -> 
                     max_tokens=max_tokens, device=device, bf16=use_bf16(setting.bf16, device))["ppl"]
 
 
-def train_config(setting: Setting, steps: int, lr: float, seed: int, weight_decay: float) -> TrainConfig:
+def train_config(setting: Setting, steps: int, lr: float, seed: int, weight_decay: float,
+                 compile: bool = False) -> TrainConfig:
     return TrainConfig(batch_size=setting.batch_size, max_steps=steps, lr=lr, min_lr=lr / 10,
-                       warmup_steps=max(1, steps // 20), weight_decay=weight_decay, seed=seed)
+                       warmup_steps=max(1, steps // 20), weight_decay=weight_decay, seed=seed, compile=compile)
 
 
 # --- stage 1 ---------------------------------------------------------------------------------
 
 
 def pretrain(setting: Setting, kind: str, domains: dict, seed: int,
-             device: str | torch.device = "cpu") -> tuple[TransformerLM, dict]:
-    """The model is built on the CPU (the same initial weights on every device), then moved."""
+             device: str | torch.device = "cpu", compile: bool = False) -> tuple[TransformerLM, dict]:
+    """The model is built on the CPU (the same initial weights on every device), then moved.
+    ``compile``: train through torch.compile (``reproduce --compile``); evaluations stay eager."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     device = torch.device(device)
     model = TransformerLM(model_config(setting, kind)).to(device)
     sampler = WindowSampler(domains["A"]["train"], setting.seq_len, seed=seed, name="domain A train")
-    cfg = train_config(setting, setting.pretrain_steps, setting.pretrain_lr, seed, weight_decay=0.1)
-    losses = fit_steps(model, lambda step: sampler.get_batch(step, setting.batch_size), cfg,
+    cfg = train_config(setting, setting.pretrain_steps, setting.pretrain_lr, seed, weight_decay=0.1,
+                       compile=compile)
+    losses = fit_steps(compiled(model, cfg.compile), lambda step: sampler.get_batch(step, setting.batch_size), cfg,
                        bf16=use_bf16(setting.bf16, device), progress=f"pretrain {kind} seed={seed}")
     record = {"arm": f"pretrain-{kind}", "seed": seed, "lr": setting.pretrain_lr, **ffn_size(model),
               "metrics": {"a_test_ppl": perplexity(model, domains["A"]["test"], setting, setting.test_tokens),
@@ -228,14 +232,14 @@ def changed(before: dict[str, torch.Tensor], model: TransformerLM) -> dict:
 
 
 def train_arm(base: TransformerLM, arm: str, lr: float, seed: int, domains: dict, setting: Setting,
-              after_step=None) -> TransformerLM:
+              after_step=None, compile: bool = False) -> TransformerLM:
     """The arm's copy of the pretrained model, trained on B-train for ``adapt_steps`` steps (the
     batches depend on the seed only, so every arm and rate sees the same data)."""
     torch.manual_seed(seed)
     model = prepare_arm(base, arm, setting)
     sampler = WindowSampler(domains["B"]["train"], setting.seq_len, seed=1000 + seed, name="domain B train")
-    cfg = train_config(setting, setting.adapt_steps, lr, seed, weight_decay=0.0)
-    fit_steps(model, lambda step: sampler.get_batch(step, setting.batch_size), cfg,
+    cfg = train_config(setting, setting.adapt_steps, lr, seed, weight_decay=0.0, compile=compile)
+    fit_steps(compiled(model, cfg.compile), lambda step: sampler.get_batch(step, setting.batch_size), cfg,
               bf16=use_bf16(setting.bf16, device_of(model)),
               progress=f"{arm} lr={lr:g} seed={seed}", after_step=lambda step: after_step(model, step)
               if after_step else None)
@@ -243,7 +247,7 @@ def train_arm(base: TransformerLM, arm: str, lr: float, seed: int, domains: dict
 
 
 def adapt(base: TransformerLM, arm: str, lr: float, seed: int, domains: dict, setting: Setting,
-          before: dict) -> dict:
+          before: dict, compile: bool = False) -> dict:
     """One (arm, lr, seed) adaptation run with its forgetting curve; ``before`` is the pretrained
     model's metrics (the curve's step 0)."""
     start = time.perf_counter()
@@ -258,7 +262,7 @@ def adapt(base: TransformerLM, arm: str, lr: float, seed: int, domains: dict, se
 
     record = {"arm": arm, "seed": seed, "lr": lr}
     try:
-        model = train_arm(base, arm, lr, seed, domains, setting, after_step)
+        model = train_arm(base, arm, lr, seed, domains, setting, after_step, compile)
     except TrainingDiverged as err:  # a too-large rate in the grid: recorded, never chosen
         return {**record, "diverged": str(err), "curve": curve, "seconds": time.perf_counter() - start}
     return {**record, **changed(effective_parameters(base), model),
@@ -269,13 +273,15 @@ def adapt(base: TransformerLM, arm: str, lr: float, seed: int, domains: dict, se
 
 
 def train_kind(setting: Setting, kind: str, pair: str, data_dir: str | None, seed: int,
-               device: str = "cpu") -> list[dict]:
+               device: str = "cpu", compile: bool = False) -> list[dict]:
     """One unit of work: pretrain ``kind`` ("dense" or "apn") on A with ``seed``, then adapt that
-    model with each of the setting's arms of this kind at every rate. Its run records."""
+    model with each of the setting's arms of this kind at every rate. Its run records.
+    ``compile``: every training (pretraining and adaptations) through torch.compile."""
     domains = cached_domains(pair, data_dir)
-    model, record = pretrain(setting, kind, domains, seed, device)
+    model, record = pretrain(setting, kind, domains, seed, device, compile)
     runs = [record]
     for arm in setting.arms:
         if arm.split("-")[0] == kind:
-            runs += [adapt(model, arm, lr, seed, domains, setting, record["metrics"]) for lr in setting.adapt_lrs]
+            runs += [adapt(model, arm, lr, seed, domains, setting, record["metrics"], compile)
+                     for lr in setting.adapt_lrs]
     return runs

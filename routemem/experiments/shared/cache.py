@@ -7,7 +7,9 @@ the study's grids (mixer, lr, seed, ...). A cached run is reused when its key is
 else changed in the setting; a change to anything in its key retrains it.
 
 A run file holds ``{"format": 2, "key", "setting", "env", "run"}``: ``setting`` is the whole study
-setting of the invocation that trained it, ``env`` the machine header of where it was trained.
+setting of the invocation that trained it, ``env`` the machine header of where it was trained (and
+``compile``: whether it trained through torch.compile). A compiled run's key has ``"compile": true``
+(runner.for_execution), so it is never reused for an eager run, nor an eager run for a compiled one.
 Files written before per-run keys (no ``format``: ``{"setting", "env", "run"}``) hold no key, so
 they are reused only under the rule they were written with, an equal whole setting; such a file
 then gets its key, and the others are retrained, with one line on stderr saying so.
@@ -121,10 +123,12 @@ class RunCache:
             self.outdated = []
 
     def trained_on(self) -> list[dict]:
-        """The distinct machines (device, CPU, GPU, commit) that trained the runs seen, with counts."""
+        """The distinct machines (device, CPU, GPU, commit, threads, jobs) that trained the runs
+        seen, and whether they compiled them (runs cached before ``--compile`` existed were not),
+        with counts."""
         keys = ("device", "cpu", "gpu", "git_commit", "threads", "jobs")
         machines: dict[tuple, dict] = {}
         for env in self.envs.values():
-            row = {k: env.get(k) for k in keys}
+            row = {**{k: env.get(k) for k in keys}, "compile": bool(env.get("compile", False))}
             machines.setdefault(tuple(row.values()), {**row, "runs": 0})["runs"] += 1
         return list(machines.values())

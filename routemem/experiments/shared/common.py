@@ -104,6 +104,8 @@ def where_trained(results: dict) -> str:
     text = f"{env.get('gpu') or env['cpu']} ({env['device']}, {env['threads']} threads)"
     if execution.get("jobs", 1) > 1:
         text += f", {execution['jobs']} worker processes"
+    if results.get("compile"):
+        text += ", training through torch.compile"
     machines = execution.get("trained_on", [])
     elsewhere = any((m.get("device"), m.get("gpu") or m.get("cpu")) != (env["device"], env.get("gpu") or env["cpu"])
                     for m in machines)
@@ -124,4 +126,20 @@ def _machine_runs(machine: dict) -> str:
     # the commit tells apart two entries of one machine (runs cached before and after a change)
     commit = f", commit {machine['git_commit'][:7]}" if machine.get("git_commit") else ""
     runs = f"{machine['runs']} run" + ("s" if machine["runs"] != 1 else "")
-    return f"{machine.get('gpu') or machine.get('cpu')} ({machine.get('device')}{commit}): {runs}"
+    compiled = ", compiled" if machine.get("compile") else ""
+    return f"{machine.get('gpu') or machine.get('cpu')} ({machine.get('device')}{commit}{compiled}): {runs}"
+
+
+# compile_note of the studies whose training --compile does not reach (ocl-baselines, rwf)
+NOT_COMPILED = ("not applied: the runs are continual learners on a ViT, trained by the stream loop of "
+                "routemem/train/continual (the backbone by pretrain-vit), which take no torch.compile")
+
+
+def compile_fields(requested: bool, note: str | None = None) -> dict:
+    """results.json's ``compile`` (whether the study's training runs went through torch.compile,
+    ``reproduce --compile``) and, when it was asked for, ``compile_note``: what was compiled and
+    what was not (``note``), or why nothing was."""
+    fields = {"compile": bool(requested) and not (note or "").startswith("not applied")}
+    if requested and note:
+        fields["compile_note"] = note
+    return fields

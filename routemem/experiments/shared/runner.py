@@ -9,16 +9,24 @@ Determinism: a unit seeds everything it draws, so where it runs does not change 
 only the number of CPU threads can (float sums are split differently), which is why every run of
 an execution gets the same number of threads: ``threads`` per run when given (the CLI's
 ``--threads``, default 1), else a fair share of this process's threads (``threads_per_job``).
+
+Compiling (``reproduce --compile``, ``Execution.compile``): a unit whose function trains through
+``compiled(model, compile)`` says so (``Unit.compiles``); under a compiling execution it is called
+with ``compile=True`` and its cache key gains ``"compile": true``, so a compiled run and an eager
+run never stand in for each other in the run cache. Units that do not compile (their training
+loop is not ours to wrap, or they time eager code) keep their key: their runs are the same either
+way. Each run's ``env`` in the cache records whether it was compiled.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
 import os
 import signal
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -39,6 +47,7 @@ class Unit:
     fn: Callable
     args: tuple
     key: dict | None = None  # what its run depends on (cache.run_key); None: the whole study setting
+    compiles: bool = False  # fn takes compile=True and then trains through torch.compile (needs a key)
 
 
 @dataclass(frozen=True)
@@ -107,12 +116,15 @@ class Execution:
     jobs: int = 1
     shard: Shard | None = None
     threads: int | None = None  # CPU threads per run; None: a fair share of this process's
+    compile: bool = False  # units that can train through torch.compile do (reproduce --compile)
 
     @classmethod
     def make(cls, device: str | torch.device = "auto", jobs: int | str = 1,
-             shard: Shard | str | None = None, threads: int | str | None = None) -> Execution:
+             shard: Shard | str | None = None, threads: int | str | None = None,
+             compile: bool = False) -> Execution:
         shard = Shard.parse(shard) if isinstance(shard, str) else shard
-        return cls(resolve_device(device), parse_jobs(jobs), shard, None if threads is None else parse_threads(threads))
+        threads = None if threads is None else parse_threads(threads)
+        return cls(resolve_device(device), parse_jobs(jobs), shard, threads, bool(compile))
 
     @property
     def run_threads(self) -> int:
@@ -133,6 +145,29 @@ class Outcome:
                 "runs_dir": str(cache.folder)}
 
 
+def compiled(model: torch.nn.Module, compile: bool) -> torch.nn.Module:
+    """What a study's training run steps through: ``torch.compile(model, fullgraph=True)`` when its
+    unit was called with ``compile=True`` (the Trainer's ``compile_model``), else ``model``. Dynamo's
+    cache is emptied first, so every run compiles its own model afresh: a unit that trains several
+    models in turn would otherwise spend one code object's recompile budget on all of them."""
+    if not compile:
+        return model
+    from routemem.train.trainer import compile_model
+
+    torch._dynamo.reset()
+    return compile_model(model, True)
+
+
+def for_execution(unit: Unit, execution: Execution) -> Unit:
+    """``unit`` as ``execution`` runs it: a unit that compiles, under a compiling execution, is
+    called with ``compile=True`` and keyed with ``"compile": true``; any other unit unchanged."""
+    if not (unit.compiles and execution.compile):
+        return unit
+    if unit.key is None:  # the whole-setting rule cannot tell a compiled run from an eager one
+        raise ValueError(f"unit {unit.name} compiles, so it needs a key")
+    return replace(unit, fn=functools.partial(unit.fn, compile=True), key={**unit.key, "compile": True})
+
+
 def share_of(units: list[Unit], shard: Shard | None) -> list[Unit]:
     """The units one shard is responsible for: every N-th of the full ordered list, whether cached
     or not. Counting positions in the full list (not among the missing units) makes the split the
@@ -146,27 +181,28 @@ def run_units(units: list[Unit], cache: RunCache, execution: Execution, label: s
     names = [u.name for u in units]
     if len(set(names)) != len(names):
         raise ValueError("unit names must be unique")
-    share = share_of(units, execution.shard)
+    share = [for_execution(u, execution) for u in share_of(units, execution.shard)]
     records = {u.name: cache.get(u.name, u.key) for u in share}
     cache.warn_outdated()
     missing = [u for u in share if records[u.name] is None]
     env = {**machine_header(execution.device), "jobs": execution.jobs, "threads": execution.run_threads}
+    envs = {u.name: {**env, "compile": u.compiles and execution.compile} for u in missing}  # as each was trained
     bar = tqdm(total=len(share), bar_format=label + " {n_fmt}/{total_fmt} |{bar:20}| {elapsed}<{remaining}",
                initial=len(share) - len(missing), dynamic_ncols=True)
     try:
         if execution.jobs == 1 or len(missing) <= 1:
             with torch_threads(execution.run_threads):
                 for unit in missing:
-                    records[unit.name] = cache.put(unit.name, unit.fn(*unit.args), env, unit.key)
+                    records[unit.name] = cache.put(unit.name, unit.fn(*unit.args), envs[unit.name], unit.key)
                     bar.update()
         else:
-            _in_workers(missing, cache, execution, env, records, bar)
+            _in_workers(missing, cache, execution, envs, records, bar)
     finally:
         bar.close()
     return Outcome(records, trained=len(missing), reused=len(share) - len(missing))
 
 
-def _in_workers(missing: list[Unit], cache: RunCache, execution: Execution, env: dict, records: dict,
+def _in_workers(missing: list[Unit], cache: RunCache, execution: Execution, envs: dict, records: dict,
                 bar) -> None:
     # spawn, not fork: a forked child inherits torch's and the kernels' thread pools (and a CUDA
     # context) in whatever state the parent's threads left them. The parent writes the cache, so
@@ -178,7 +214,7 @@ def _in_workers(missing: list[Unit], cache: RunCache, execution: Execution, env:
     keys = {u.name: u.key for u in missing}  # the workers send back names and records
     try:
         for name, record in pool.imap_unordered(_run_unit, missing):
-            records[name] = cache.put(name, record, env, keys[name])
+            records[name] = cache.put(name, record, envs[name], keys[name])
             bar.update()
         pool.close()
     finally:

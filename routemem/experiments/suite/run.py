@@ -5,8 +5,9 @@ Each study is called exactly as ``routemem reproduce <study>`` calls it. The man
 ``OUT/suite.json`` (rewritten atomically after each study) records per study its status
 (complete | failed | missing), mode, a fingerprint of its setting, the equivalent single command,
 wall time, timestamps, the error of a failure, and where its results.json is. A later ``all`` with
-the same mode reuses a study that is complete with the same setting fingerprint and data folder
-and whose results.json is still there; the others run again (each study's own run cache still reuses its
+the same mode reuses a study that is complete with the same setting fingerprint, data folder and
+``--compile`` and whose results.json is still there; the others run again (each study's own run
+cache still reuses its
 finished runs). ``force=True`` runs every study again from scratch: it deletes ``OUT/<study>/runs/``
 (the study's run cache, with the ocl-baselines backbone) before the study runs, so nothing is reused.
 
@@ -62,17 +63,19 @@ def setting_fingerprint(name: str, quick: bool) -> str | None:
 
 
 def study_command(name: str, out: Path, quick: bool, data_dir: str | None, device: str, jobs: int,
-                  threads: int | None = None) -> str:
+                  threads: int | None = None, compile: bool = False) -> str:
     """The single ``routemem reproduce`` command that does what ``all`` does for this study."""
     argv = ["routemem", "reproduce", name] + (["--quick"] if quick else []) + ["--out", str(out)]
     argv += (["--data-dir", data_dir] if data_dir else []) + ["--device", str(device), "--jobs", str(jobs)]
     argv += ["--threads", str(threads)] if threads is not None else []
+    argv += ["--compile"] if compile else []
     return shlex.join(argv)
 
 
 def suite_command(out: Path, quick: bool, data_dir: str | None, device: str, jobs: int, force: bool,
-                  threads: int | None = None) -> str:
-    return study_command("all", out, quick, data_dir, device, jobs, threads) + (" --force" if force else "")
+                  threads: int | None = None, compile: bool = False) -> str:
+    command = study_command("all", out, quick, data_dir, device, jobs, threads, compile)
+    return command + (" --force" if force else "")
 
 
 def data_folder(data_dir: str | None) -> str | None:
@@ -107,10 +110,13 @@ def write_manifest(out: Path, manifest: dict) -> None:
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2))
 
 
-def reusable(entry: dict | None, mode: str, fingerprint: str | None, data: str | None, out: Path) -> bool:
+def reusable(entry: dict | None, mode: str, fingerprint: str | None, data: str | None, out: Path,
+             compile: bool = False) -> bool:
+    """A finished study of an earlier ``all`` stands for this one: same mode, setting, data folder and
+    compile (an entry written before --compile existed was not compiled), its results.json there."""
     return (entry is not None and entry.get("status") == COMPLETE and entry.get("mode") == mode
             and fingerprint is not None and entry.get("fingerprint") == fingerprint and entry.get("data_dir") == data
-            and (out / entry.get("results", "")).is_file())
+            and bool(entry.get("compile", False)) == bool(compile) and (out / entry.get("results", "")).is_file())
 
 
 def error_record(err: BaseException) -> dict:
@@ -124,18 +130,18 @@ def check_out(out: Path) -> None:
 
 
 def run_study(name: str, out: Path, quick: bool, data_dir: str | None, device: str, jobs: int,
-              force: bool, threads: int | None = None) -> dict:
+              force: bool, threads: int | None = None, compile: bool = False) -> dict:
     """Run one study as ``routemem reproduce <name>`` would; its manifest entry, complete or failed."""
     if force:
         shutil.rmtree(out / name / "runs", ignore_errors=True)  # the study's run cache: retrain every run
     entry = {"mode": "quick" if quick else "full", "fingerprint": setting_fingerprint(name, quick),
-             "data_dir": data_folder(data_dir),
-             "command": study_command(name, out, quick, data_dir, device, jobs, threads),
+             "data_dir": data_folder(data_dir), "compile": bool(compile),
+             "command": study_command(name, out, quick, data_dir, device, jobs, threads, compile),
              "results": f"{name}/results.json", "started": now()}
     clock = time.perf_counter()
     try:
         experiments.STUDIES[name](out=out, quick=quick, data_dir=data_dir, device=device, jobs=jobs, shard=None,
-                                  threads=threads)
+                                  threads=threads, **({"compile": True} if compile else {}))
         entry["status"] = COMPLETE
     except Exception as err:  # noqa: BLE001  a failed study must not cost the others; Ctrl-C still stops the suite
         entry.update(status=FAILED, error=error_record(err))
@@ -144,7 +150,7 @@ def run_study(name: str, out: Path, quick: bool, data_dir: str | None, device: s
 
 
 def run_suite(out: str | Path, quick: bool = False, data_dir: str | None = None, device: str = "auto",
-              jobs: int = 1, force: bool = False, threads: int | None = None) -> dict:
+              jobs: int = 1, force: bool = False, threads: int | None = None, compile: bool = False) -> dict:
     """Run (or reuse) every study into ``out`` and return the manifest (also in ``out/suite.json``).
     The reports are written by ``suite_report`` / ``suite_html`` from that manifest."""
     from routemem.experiments.shared.runner import parse_jobs, parse_threads
@@ -159,7 +165,8 @@ def run_suite(out: str | Path, quick: bool = False, data_dir: str | None = None,
     mode = "quick" if quick else "full"
     order = suite_order()
     present = [name for name in order if name in experiments.STUDIES]
-    manifest.update(order=order, mode=mode, command=suite_command(out, quick, data_dir, device, jobs, force, threads))
+    manifest.update(order=order, mode=mode,
+                    command=suite_command(out, quick, data_dir, device, jobs, force, threads, compile))
     invocation = {"started": now(), "ran": [], "reused": []}
     manifest["invocation"] = invocation
     clock = time.perf_counter()
@@ -171,11 +178,12 @@ def run_suite(out: str | Path, quick: bool = False, data_dir: str | None = None,
                 continue
             previous = manifest["studies"].get(name)
             bar.set_postfix_str(name)
-            if not force and reusable(previous, mode, setting_fingerprint(name, quick), data_folder(data_dir), out):
+            if not force and reusable(previous, mode, setting_fingerprint(name, quick), data_folder(data_dir), out,
+                                      compile):
                 invocation["reused"].append(name)
                 tqdm.write(f"suite: {name}: complete in an earlier run with the same setting, reused")
             else:
-                entry = run_study(name, out, quick, data_dir, device, jobs, force, threads)
+                entry = run_study(name, out, quick, data_dir, device, jobs, force, threads, compile)
                 manifest["studies"][name] = entry
                 invocation["ran"].append(name)
                 state = entry["status"] + (f": {entry['error']['type']}: {entry['error']['message']}"
