@@ -36,7 +36,7 @@ def run_suite(name: str, quick: bool = False, out: str | None = None, device: st
     compile is a skipped row saying why); ``env["compile"]`` records it."""
     import inspect
 
-    from routemem.bench.common import write_json
+    from routemem.bench.common import compile_budget, write_json
     from routemem.errors import UserError
     from routemem.machine import machine_header, resolve_device
 
@@ -49,7 +49,8 @@ def run_suite(name: str, quick: bool = False, out: str | None = None, device: st
         options["compile"] = bool(compile)
     elif compile:
         raise UserError(f"benchmark suite '{name}' does not take --compile yet")
-    measured = module.run(quick=quick, device=resolved, **options)
+    with compile_budget(compile):
+        measured = module.run(quick=quick, device=resolved, **options)
     result = {"suite": name, "env": {**machine_header(resolved), "compile": bool(compile)}, "quick": quick,
               "rows": measured["rows"], "targets": measured["targets"],
               "all_targets_met": measured["all_targets_met"], "info": measured.get("info", {})}

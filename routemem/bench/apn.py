@@ -69,7 +69,6 @@ ROUNDS = {"quick": 1, "full": 5}
 REPEATS = {"quick": 2, "full": 7}
 REFERENCE_REPEATS = {"quick": 1, "full": 3}
 SEED = 0
-RECOMPILE_LIMIT = 64  # graphs per code object under compile=True: 2 per variant sharing it, with room
 
 
 def _spec() -> LayerSpec:
@@ -268,16 +267,6 @@ def _compile_or_skip(variants: dict, z: torch.Tensor, grad: torch.Tensor) -> dic
 
 
 def run(quick: bool = False, device: torch.device | str = "cpu", compile: bool = False) -> dict:
-    if not compile:
-        return _run(quick, device, compile)
-    # The layer forwards are closures of one function, as are the op forwards, so dynamo counts
-    # all their graphs (one per variant and grad mode, 16 for the ops) against one code object's
-    # recompile limit, 8 by default: past it the rest would fail to compile.
-    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-        return _run(quick, device, compile)
-
-
-def _run(quick: bool, device: torch.device | str, compile: bool) -> dict:
     device = torch.device(device)
     key = "quick" if quick else "full"
     z = make_input(device)

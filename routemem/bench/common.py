@@ -3,6 +3,7 @@ reports (the shape is documented in docs/benchmarks.md), and atomic JSON output.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
@@ -42,6 +43,16 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,
         fn()
     times = [seconds(fn, device) for _ in range(repeats)]
     return {"median_s": statistics.median(times), "runs_s": times}
+
+
+RECOMPILE_LIMIT = 64  # graphs per code object under --compile (dynamo's default is 8)
+
+
+def compile_budget(enabled: bool):
+    """The context a suite runs in under ``--compile``: a suite's forms are often closures of one
+    function, which dynamo counts as one code object, so their graphs (one per form and direction)
+    would pass its default recompile limit of 8, and the rest would fail to compile."""
+    return torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT) if enabled else contextlib.nullcontext()
 
 
 def maybe_compile(fn, enabled: bool):

@@ -131,19 +131,7 @@ def sequence_lengths(vit: VisionTransformer, module, inputs: dict) -> dict:
     return {"queries": queries, "keys": keys}
 
 
-RECOMPILE_LIMIT = 32  # under --compile: every mode's forward is one closure's code (graphs: modes x directions)
-
-
 def run(quick: bool = False, device: torch.device | str = "cpu", compile: bool = False) -> dict:
-    if not compile:
-        return _run(quick, device, compile)
-    # the four modes' forwards are closures of step_fn, one code object to dynamo: its graphs (one per
-    # mode and direction, 8) would sit at the default recompile limit, past which compiling fails
-    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-        return _run(quick, device, compile)
-
-
-def _run(quick: bool, device: torch.device | str, compile: bool) -> dict:
     device = torch.device(device)
     key = "quick" if quick else "full"
     repeats = REPEATS["full_cuda" if device.type == "cuda" and not quick else key]

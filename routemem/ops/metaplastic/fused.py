@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from routemem.ops import native
+from routemem.ops.metaplastic.autograd import register_autograd
 from routemem.ops.metaplastic.chunk import linear_state
 
 _P, _I, _F = native.POINTER, native.INT64, native.DOUBLE
@@ -85,30 +86,7 @@ def _backward(do: Tensor, du: Tensor | None, dM_T: Tensor | None, dJ_T: Tensor |
     return dq, dk, dv, dbeta, dlog_alpha, dprior.sum(0), dM0, dJ0
 
 
-@_backward.register_fake
-def _(do, du, dM_T, dJ_T, q, k, v, beta, log_alpha, prior, starts, scale, chunk_size):
-    B, _, H, Dk = q.shape
-    Dv = v.shape[-1]
-    return (*(x.new_empty(x.shape) for x in (q, k, v, beta, log_alpha, prior)),
-            q.new_empty(B, H, Dv, Dk), q.new_empty(B, H, Dv, Dk))
-
-
-def _save(ctx, inputs, output):
-    q, k, v, beta, log_alpha, prior, _, _, scale, with_uncertainty, chunk_size = inputs
-    ctx.save_for_backward(q, k, v, beta, log_alpha, prior, output[4])
-    ctx.scale, ctx.chunk_size, ctx.with_uncertainty = scale, chunk_size, with_uncertainty
-
-
-def _differentiate(ctx, do, du, dM_T, dJ_T, _starts_grad):
-    q, k, v, beta, log_alpha, prior, starts = ctx.saved_tensors
-    do = torch.zeros_like(v) if do is None else do
-    du = du if ctx.with_uncertainty else None
-    grads = _backward(do, du, dM_T, dJ_T, q, k, v, beta, log_alpha, prior, starts, ctx.scale,
-                      ctx.chunk_size)
-    return *grads, None, None, None
-
-
-_forward.register_autograd(_differentiate, setup_context=_save)
+register_autograd(_forward, _backward)
 forward_op, backward_op = _forward, _backward  # for opcheck in the tests
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from routemem.ops.metaplastic.autograd import register_autograd
 from routemem.ops.metaplastic.chunk import causal_decay, from_chunks, to_chunks
 
 SUB_CHUNK = 8  # target sub-chunk length: ~sqrt(chunk_size) balances the two matrix products
@@ -142,26 +143,11 @@ def _(q, k, v, beta, log_alpha, prior, M0, J0, scale, with_uncertainty, chunk_si
             q.new_empty(B, H, Dv, Dk), q.new_empty(B, H, Dv, Dk), q.new_empty(N + 1, 2, B, H, Dv * Dk))
 
 
-def _save(ctx, inputs, output):
-    q, k, v, beta, log_alpha, prior, _, _, scale, with_uncertainty, chunk_size = inputs
-    ctx.save_for_backward(q, k, v, beta, log_alpha, prior, output[4])
-    ctx.scale, ctx.with_uncertainty, ctx.chunk_size = scale, with_uncertainty, chunk_size
-
-
-def _differentiate(ctx, do, du, dM_T, dJ_T, _starts_grad):
-    q, k, v, beta, log_alpha, prior, starts = ctx.saved_tensors
-    do = torch.zeros_like(v) if do is None else do
-    du = du if ctx.with_uncertainty else None
-    grads = chunk_backward(do, du, dM_T, dJ_T, q, k, v, beta, log_alpha, prior, starts, ctx.scale,
-                           ctx.chunk_size)
-    return *grads, None, None, None
-
-
 @torch.library.custom_op("routemem::metaplastic_chunk_backward", mutates_args=())
 def chunk_backward(do: Tensor, du: Tensor | None, dM_T: Tensor | None, dJ_T: Tensor | None, q: Tensor,
-               k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor, prior: Tensor, starts: Tensor,
-               scale: float, chunk_size: int
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor, prior: Tensor, starts: Tensor,
+                   scale: float, chunk_size: int
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> the gradients of (q, k, v, beta, log_alpha, prior, M0, J0). A None gradient is zero."""
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
@@ -243,15 +229,7 @@ def chunk_backward(do: Tensor, du: Tensor | None, dM_T: Tensor | None, dJ_T: Ten
     return tuple(g.contiguous() for g in grads)  # the layout the fake promises
 
 
-@chunk_backward.register_fake
-def _(do, du, dM_T, dJ_T, q, k, v, beta, log_alpha, prior, starts, scale, chunk_size):
-    B, _, H, Dk = q.shape
-    Dv = v.shape[-1]
-    return (*(x.new_empty(x.shape) for x in (q, k, v, beta, log_alpha, prior)),
-            q.new_empty(B, H, Dv, Dk), q.new_empty(B, H, Dv, Dk))
-
-
-chunk_forward.register_autograd(_differentiate, setup_context=_save)
+register_autograd(chunk_forward, chunk_backward)
 
 
 def _reverse_cumsum(dG: torch.Tensor, T: int) -> torch.Tensor:
