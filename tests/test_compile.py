@@ -1,11 +1,13 @@
-"""Every registered layer under ``torch.compile(fullgraph=True)``: a graph break is a failure, and
-the compiled model's outputs and every gradient equal eager's.
+"""Every registered layer in a TransformerLM, the ViT with each prompt method (and RwF's generator),
+and step() decoding, under ``torch.compile(fullgraph=True)``: a graph break is a failure, and the
+compiled model's outputs and every gradient equal eager's.
 
 Parametrised over the registries (``routemem.layers.VARIANTS``): a new mixer, FFN or mode is covered
 by registering it. Each layer's default configuration compiles with Inductor (its C++ backend here,
-Triton on CUDA); its other variants with ``aot_eager``, which traces the same graph (dynamo, the ops'
-fakes, AOT autograd) without generating code, to keep the suite fast on two cores. Shapes are tiny
-and one model is compiled per case. Tolerance: each tensor's max error within COMPILE_RTOL of its
+Triton on CUDA), as do the plain ViT, RwF and decoding; the other variants and prompt methods
+compile with ``aot_eager``, which traces the same graph (dynamo, the ops' fakes, AOT autograd)
+without generating code, to keep the suite fast on two cores. Shapes are tiny and one model is
+compiled per case. Tolerance: each tensor's max error within COMPILE_RTOL of its
 own largest value (float32; Inductor reorders sums and fuses the elementwise work).
 """
 
