@@ -11,9 +11,18 @@ would otherwise round float32 operands to 10 mantissa bits, ~1e-3 relative), so 
 comparisons hold CUDA to the same tolerances as the CPU.
 """
 
-import pytest
+import os
+
 import torch
-from devices import DEVICES, HAS_CUDA
+
+# Without a GPU, Triton kernels run in Triton's interpreter (each program in numpy), which is how
+# the CPU tests check mode="triton". Read by Triton when a kernel is defined: set before any test
+# module imports routemem's Triton kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from devices import DEVICES, HAS_CUDA  # noqa: E402
 
 torch.set_num_threads(1)  # tiny tensors: extra threads only contend on the shared machine
 

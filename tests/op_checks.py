@@ -45,6 +45,7 @@ def needs_compiler(mode: str):
 
 
 CPU_ONLY_MODES = ("fused",)  # the compiled kernels: a CUDA tensor gets a ValueError (tested apart)
+GPU_MODES = ("triton",)  # compiled by Triton for a GPU (on a CPU only its interpreter runs them, uncompiled)
 
 
 def on_devices(*modes: str) -> list:

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from devices import HAS_CUDA, NO_CUDA
-from op_checks import CPU_ONLY_MODES, HAS_COMPILER
+from op_checks import CPU_ONLY_MODES, GPU_MODES, HAS_COMPILER
 from torch._dynamo.utils import counters
 
 from routemem.layers import FFNS, MIXERS, VARIANTS
@@ -40,6 +40,8 @@ def _cases(kind: str, table: dict) -> list:
                 cpu_only = kwargs.get("mode") in CPU_ONLY_MODES
                 if device == "cuda" and cpu_only:
                     continue  # a CPU kernel: the mode is not offered on CUDA
+                if device == "cpu" and kwargs.get("mode") in GPU_MODES:
+                    continue  # Triton kernels compile for a GPU (a triton_op cannot be compiled here)
                 marks = []
                 if device == "cuda":
                     marks = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)]

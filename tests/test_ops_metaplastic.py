@@ -5,6 +5,8 @@ sequence (these two for the fused kernel too), input validation and the return c
 Tests that take ``device`` run on the CPU and on CUDA (conftest.py); the fused kernel is CPU code,
 so on CUDA ``auto`` must pick the chunk form and ``fused`` must refuse."""
 
+import importlib.util
+
 import pytest
 import torch
 from metaplastic_inputs import (
@@ -27,7 +29,7 @@ from routemem.ops.metaplastic.chunk import metaplastic_chunk
 from routemem.ops.metaplastic.reference import metaplastic_reference
 
 # (mode, device) for the paper's special cases and hand-over: fused on the CPU only
-MODES = on_devices("reference", "chunk", "fused")
+MODES = on_devices("reference", "chunk", "fused", *(("triton",) if importlib.util.find_spec("triton") else ()))
 
 
 # ---------------------------------------------------------------- chunk form vs the reference
@@ -161,13 +163,15 @@ def test_empty_sequence_returns_the_initial_state(device):
 
 
 @pytest.mark.parametrize("device", [on_cuda("cuda", id="cuda")])
-def test_on_cuda_auto_is_the_chunk_form_and_fused_refuses(device):
-    """The fused kernel is CPU code: on CUDA ``auto`` runs the chunk form (and matches the
-    reference), and asking for ``fused`` is a ValueError that names the way out."""
+def test_on_cuda_auto_is_triton_or_chunk_and_fused_refuses(device):
+    """The fused kernel is CPU code: on CUDA ``auto`` runs the Triton kernel where Triton imports,
+    else the chunk form (and matches the reference), and asking for ``fused`` is a ValueError that
+    names the way out."""
     q, k, v, beta, log_alpha = make_inputs(20, device=device)
     kwargs = dict(i_prior=PRIOR.to(device), chunk_size=8, output_final_state=True)
     auto = metaplastic_attention(q, k, v, beta, log_alpha, mode="auto", **kwargs)
-    chunk = metaplastic_attention(q, k, v, beta, log_alpha, mode="chunk", **kwargs)
+    picked = "triton" if importlib.util.find_spec("triton") else "chunk"
+    chunk = metaplastic_attention(q, k, v, beta, log_alpha, mode=picked, **kwargs)
     ref = metaplastic_attention(q, k, v, beta, log_alpha, mode="reference", **kwargs)
     assert torch.equal(auto[0], chunk[0]) and auto[0].device.type == "cuda"
     for a, e in zip((auto[0], *auto[1]), (ref[0], *ref[1])):

@@ -103,7 +103,7 @@ class Mamba2Mixer(RecurrentMixer):
         return out, (None if state is None else {"conv": conv_buffer, **recurrent})
 
 
-@register_mixer("meta_mamba2", variants={mode: {"mode": mode} for mode in ("reference", "chunk", "fused")})
+@register_mixer("meta_mamba2", variants={mode: {"mode": mode} for mode in ("reference", "chunk", "fused", "triton")})
 class MetaMamba2Mixer(Mamba2Mixer):
     """Mamba2 made metaplastic: Mamba2's (C, B, dt * x) as metaplastic attention's (q, k, v)."""
 

@@ -41,7 +41,7 @@ from routemem.ops.gla import MODES as GLA_MODES
 from routemem.ops.metaplastic import MODES as METAPLASTIC_MODES
 
 
-@register_mixer("palimpsa", variants={mode: {"mode": mode} for mode in ("reference", "chunk", "fused")})
+@register_mixer("palimpsa", variants={mode: {"mode": mode} for mode in ("reference", "chunk", "fused", "triton")})
 class PalimpsaMixer(RecurrentMixer):
     """Options: ``expand_v`` (value head dim = expand_v * d_model / n_head), ``i_prior`` (prior
     importance), ``mode``/``chunk_size`` (passed to the op), ``conv_width``, ``conv_init_std``,

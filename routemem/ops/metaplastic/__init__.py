@@ -10,6 +10,8 @@ to the prior as alpha forgets. beta = 0 keeps I = I_prior: plain scalar-decay li
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from routemem.ops.checks import (
@@ -27,9 +29,16 @@ from routemem.ops.metaplastic.chunk import metaplastic_chunk
 from routemem.ops.metaplastic.fused import metaplastic_fused
 from routemem.ops.metaplastic.reference import metaplastic_reference
 
-# fused: the compiled CPU kernel (fused.py); auto: fused where it applies (CPU, float32/64, the
-# kernel compiled), else chunk.
-MODES = ("reference", "chunk", "fused", "auto")
+# fused: the compiled CPU kernel (fused.py); triton: the Triton scan (triton.py: CUDA, or the CPU
+# under TRITON_INTERPRET=1); auto: triton on CUDA where Triton imports, fused where it applies (CPU,
+# float32/64, the kernel compiled), else chunk.
+MODES = ("reference", "chunk", "fused", "triton", "auto")
+
+
+def _auto_mode(q: torch.Tensor) -> str:
+    if q.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "fused" if fused.applies_to(q) else "chunk"
 
 
 def _prior_tensor(i_prior, H: int, like: torch.Tensor) -> torch.Tensor:
@@ -56,7 +65,8 @@ def metaplastic_attention(q, k, v, beta, log_alpha, *, i_prior=1.0, scale=None, 
     with ``output_final_state`` also the final ``(mu, importance)``. When either is
     asked the result is a tuple in that order, otherwise o alone.
     ``mode``: "reference" (a loop over t), "chunk" (PyTorch, any device), "fused" (compiled CPU
-    kernel) or "auto" (fused where it applies, else chunk); all compute the same function.
+    kernel), "triton" (Triton kernel: CUDA, or the CPU under TRITON_INTERPRET=1) or "auto" (triton
+    on CUDA, fused on a CPU where it applies, else chunk); all compute the same function.
     ``chunk_size``: the chunk form's block length; for "fused", the backward's recompute window
     (it holds chunk_size * Dv * Dk * 2 values per thread) and the spacing of the saved states.
     """
@@ -81,8 +91,15 @@ def metaplastic_attention(q, k, v, beta, log_alpha, *, i_prior=1.0, scale=None, 
     scale = Dk ** -0.5 if scale is None else float(scale)
 
     if mode == "auto":
-        mode = "fused" if fused.applies_to(q) else "chunk"
-    if mode == "reference":
+        mode = _auto_mode(q)
+    if mode == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("mode='triton' needs the triton package (pip install triton)")
+        from routemem.ops.metaplastic.triton import metaplastic_triton  # imports triton: only when asked
+
+        o, unc, final = metaplastic_triton(q, k, v, beta, log_alpha, prior, scale, state,
+                                           output_uncertainty, chunk_size)
+    elif mode == "reference":
         o, unc, final = metaplastic_reference(q, k, v, beta, log_alpha, prior, scale, state,
                                               output_uncertainty)
     elif mode == "fused":
