@@ -12,7 +12,7 @@ bench ``bench-<suite>.json`` (and its output in ``bench-<suite>.log``), the envi
 
 Exit status: 0 when ok, 1 otherwise (a failed or errored test, no test report, or a failed step).
 
-    python3 scripts/device_check_summary.py DIR [--suites train palimpsa apn fast-slow sparse vit]
+    python3 scripts/device_check_summary.py DIR [--suites train palimpsa apn fast-slow sparse vit kernels]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 TIMEOUT_STATUSES = (124, 137)  # timeout(1): the limit passed (137: killed after the grace period)
-SUITES = ("train", "palimpsa", "apn", "fast-slow", "sparse", "vit")  # routemem.bench.SUITES (a test keeps them equal)
+SUITES = ("train", "palimpsa", "apn", "fast-slow", "sparse", "vit", "kernels")  # routemem.bench.SUITES (a test keeps them equal)
 
 
 def read_steps(path: Path) -> list[dict]:

@@ -25,6 +25,7 @@ SUITES: dict[str, str] = {
     "fast-slow": "fast_slow mixer (gate open, P=4/16) vs the plain attention mixer, T=256..4096",
     "sparse": "hard top-k gated attention (fast form, gate's cost included) vs dense causal SDPA, T=1024, 4096",
     "vit": "the small ViT's images/s, fwd and fwd+bwd, plain and with L2P / DualPrompt / CODA-Prompt prompts",
+    "kernels": "GPU only: metaplastic Triton kernel vs its chunk form, fla's chunk_gla / gated delta, our GLA, SDPA (bf16, 16k tokens)",
 }
 
 
