@@ -4,6 +4,7 @@ the devices they run on (the fused kernels are CPU code)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -46,13 +47,16 @@ def needs_compiler(mode: str):
 
 CPU_ONLY_MODES = ("fused",)  # the compiled kernels: a CUDA tensor gets a ValueError (tested apart)
 GPU_MODES = ("triton",)  # compiled by Triton for a GPU (on a CPU only its interpreter runs them, uncompiled)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # conftest sets it where torch sees no GPU
+NOT_INTERPRETED = "Triton kernels run on a CPU only under TRITON_INTERPRET=1 (set where there is no GPU)"
 
 
 def on_devices(*modes: str) -> list:
     """(mode, device) parameters: every mode on the CPU (``fused`` and ``auto`` need a compiler
     there), and every mode but the CPU kernels on CUDA (``auto`` picks the PyTorch form there)."""
     cpu = [pytest.param(m, "cpu", id=f"{m}-cpu",
-                        marks=pytest.mark.skipif(m in ("fused", "auto") and not HAS_COMPILER,
-                                                 reason="no C++ compiler"))
+                        marks=[pytest.mark.skipif(m in ("fused", "auto") and not HAS_COMPILER,
+                                                  reason="no C++ compiler"),
+                               pytest.mark.skipif(m in GPU_MODES and not INTERPRETED, reason=NOT_INTERPRETED)])
            for m in modes]
     return cpu + [on_cuda(m, "cuda", id=f"{m}-cuda") for m in modes if m not in CPU_ONLY_MODES]

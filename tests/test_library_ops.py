@@ -95,7 +95,16 @@ def _triton_kernels():
 
 
 def _triton_backward_args(dtype, strided):
-    return _metaplastic_backward_args(_triton_kernels().triton_forward, dtype, strided)
+    """As _metaplastic_backward_args, with the saved states drawn (float32, [B, H, chunks + 1, 2, Dv,
+    Dk] as the Triton forward saves them) rather than computed, so that no kernel runs on the CPU
+    tensors here before they are moved to a GPU."""
+    args = _metaplastic_args(dtype, strided, grad=False)
+    (B, T, H, Dk), Dv, chunk_size = args[0].shape, args[2].shape[-1], args[10]
+    g = torch.Generator().manual_seed(1)
+    starts = torch.rand(B, H, -(-T // chunk_size) + 1, 2, Dv, Dk, generator=g)
+    o_like = torch.randn(args[2].shape, generator=g, dtype=dtype)
+    state_like = torch.randn(B, H, Dv, Dk, generator=g, dtype=dtype)
+    return [o_like, o_like.clone(), state_like, None, *args[:6], starts, args[8], chunk_size]
 
 
 # op -> (a function of (dtype, strided) giving its arguments, whether it needs the C++ compiler)
@@ -134,11 +143,17 @@ def test_opcheck(op, dtype, strided):
         pytest.skip("no C++ compiler")
     if op._name.startswith("apn_grouped_mm") and dtype not in apn_grouped_mm.DTYPES:
         pytest.skip(f"torch's grouped_mm has no {dtype} (patch_mixture runs mode grouped instead)")
-    checks = {}
-    if op._name.startswith("metaplastic_triton") and os.environ.get("TRITON_INTERPRET") == "1":
-        # the fake-tensor checks trace the Triton kernel, which the interpreter cannot: on CUDA only
-        checks = {"test_utils": ("test_schema", "test_autograd_registration")}
-    result = torch.library.opcheck(op, make_args(dtype, strided), **checks)
+    args, checks = make_args(dtype, strided), {}
+    if op._name.startswith("metaplastic_triton"):
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            # the fake-tensor checks trace the Triton kernel, which the interpreter cannot: on CUDA only
+            checks = {"test_utils": ("test_schema", "test_autograd_registration")}
+        elif torch.cuda.is_available():  # compiled Triton kernels take CUDA tensors
+            args = [x.detach().cuda().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
+                    for x in args]
+        else:
+            pytest.skip("Triton kernels run on CUDA, or on a CPU under TRITON_INTERPRET=1")
+    result = torch.library.opcheck(op, args, **checks)
     assert set(result.values()) == {"SUCCESS"}, result
 
 

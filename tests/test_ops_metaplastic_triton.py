@@ -15,6 +15,7 @@ import pytest
 import torch
 from devices import HAS_CUDA, NO_CUDA
 from metaplastic_inputs import assert_close, flat_outputs, make_inputs, make_state
+from op_checks import INTERPRETED, NOT_INTERPRETED
 
 from routemem.ops import metaplastic_attention
 from routemem.ops.metaplastic.reference import metaplastic_reference
@@ -22,7 +23,8 @@ from routemem.ops.metaplastic.reference import metaplastic_reference
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton is not installed (pip install -e '.[test]')")
 
-CPU = pytest.param("cpu", id="cpu-interpreter")
+CPU = pytest.param("cpu", id="cpu-interpreter", marks=pytest.mark.skipif(not INTERPRETED, reason=NOT_INTERPRETED))
+interpreter_only = pytest.mark.skipif(not INTERPRETED, reason=NOT_INTERPRETED)
 CUDA = pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)])
 
 
@@ -95,6 +97,7 @@ def test_field_shape_float32(device):
     _compare(200, 64, 128, 64, True, False, device, rtol=1e-4)
 
 
+@interpreter_only
 def test_only_the_output_used_and_strided_inputs():
     """No gradient flows into the final state (autograd passes None for it); inputs are views."""
     wide = [x.repeat_interleave(2, dim=1)[:, ::2] for x in make_inputs(10)]  # equal values, stride 2 in T
@@ -108,6 +111,7 @@ def test_only_the_output_used_and_strided_inputs():
         assert_close(a, e)
 
 
+@interpreter_only
 def test_it_is_a_registered_triton_op():
     kernels = _triton()
     assert torch.ops.routemem.metaplastic_triton_forward.default is not None
@@ -120,6 +124,7 @@ def test_it_is_a_registered_triton_op():
     assert set(result.values()) == {"SUCCESS"}
 
 
+@interpreter_only
 def test_cpu_without_the_interpreter_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(_triton(), "INTERPRETED", False)
     q, k, v, beta, log_alpha = make_inputs(4)
