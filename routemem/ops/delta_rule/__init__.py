@@ -13,9 +13,10 @@ from routemem.ops.checks import (
     expect_shape,
 )
 from routemem.ops.delta_rule.chunk import delta_rule_chunk
+from routemem.ops.fla import delta_rule_fla
 from routemem.ops.delta_rule.reference import delta_rule_reference
 
-MODES = ("reference", "chunk")
+MODES = ("reference", "chunk", "fla")  # fla: flash-linear-attention's chunk kernel (ops/fla.py; CUDA)
 
 
 def gated_delta_rule(q, k, v, beta, log_alpha, *, scale=None, initial_state=None,
@@ -35,6 +36,8 @@ def gated_delta_rule(q, k, v, beta, log_alpha, *, scale=None, initial_state=None
     scale = Dk ** -0.5 if scale is None else float(scale)
     if mode == "reference":
         o, final = delta_rule_reference(q, k, v, beta, log_alpha, scale, initial_state)
+    elif mode == "fla":
+        o, final = delta_rule_fla(q, k, v, beta, log_alpha, scale, initial_state)
     else:
         o, final = delta_rule_chunk(q, k, v, beta, log_alpha, scale, initial_state, chunk_size)
     return (o, final) if output_final_state else o

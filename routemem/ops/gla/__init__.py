@@ -10,10 +10,13 @@ from __future__ import annotations
 from routemem.ops.checks import (
     check_chunk_size, check_mode, check_qkv, expect_log_decay, expect_same_dtype, expect_shape,
 )
+from routemem.ops.fla import gla_fla
 from routemem.ops.gla.chunk import gla_chunk
 from routemem.ops.gla.reference import gla_reference
 
-MODES = ("reference", "chunk", "auto")  # auto: chunk (the fastest form here)
+# fla: flash-linear-attention's chunk kernel (routemem/ops/fla.py; CUDA, by name only for now);
+# auto: chunk (the fastest form here)
+MODES = ("reference", "chunk", "fla", "auto")
 
 
 def gated_linear_attention(q, k, v, log_alpha, *, scale=None, initial_state=None,
@@ -33,6 +36,8 @@ def gated_linear_attention(q, k, v, log_alpha, *, scale=None, initial_state=None
         mode = "chunk"
     if mode == "reference":
         o, final = gla_reference(q, k, v, log_alpha, scale, initial_state)
+    elif mode == "fla":
+        o, final = gla_fla(q, k, v, log_alpha, scale, initial_state)
     else:
         o, final = gla_chunk(q, k, v, log_alpha, scale, initial_state, chunk_size)
     return (o, final) if output_final_state else o
