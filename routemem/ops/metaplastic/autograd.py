@@ -1,11 +1,14 @@
-"""Autograd for the two metaplastic torch.library ops (the chunked recompute and the fused kernel):
-both take (q, k, v, beta, log_alpha, prior, M0, J0, scale, with_uncertainty, chunk_size), return
-(o, uncertainty, M_T, J_T, chunk-start states) and have a backward op of one signature, so one set
-of functions gives either backward its shapes and joins either forward to its backward."""
+"""What the metaplastic torch.library ops share (the chunked recompute, the fused C++ kernel, the
+Triton kernel): each forward takes (q, k, v, beta, log_alpha, prior, M0, J0, scale,
+with_uncertainty, chunk_size) and returns (o, uncertainty, M_T, J_T, chunk-start states), and each
+backward op has one signature, so one set of functions gives any backward its shapes, joins any
+forward to its backward, and turns the op's linear states into the public (mu, importance)."""
 
 from __future__ import annotations
 
 import torch
+
+from routemem.ops.metaplastic.chunk import linear_state
 
 
 def register_autograd(forward_op, backward_op) -> None:
@@ -36,3 +39,15 @@ def _gradient_shapes(do, du, dM_T, dJ_T, q, k, v, beta, log_alpha, prior, starts
     Dv = v.shape[-1]
     return (*(x.new_empty(x.shape) for x in (q, k, v, beta, log_alpha, prior)),
             q.new_empty(B, H, Dv, Dk), q.new_empty(B, H, Dv, Dk))
+
+
+def call_with_states(forward_op, q, k, v, beta, log_alpha, i_prior, scale, initial_state, with_uncertainty,
+                     chunk_size):
+    """``forward_op`` on the public state: (mu, importance) -> the linear states (M, J) it scans,
+    and its final (M, J) back. Returns (o, uncertainty or None, (mu, importance))."""
+    B, _, H, Dk = q.shape
+    Dv = v.shape[-1]
+    M0, J0 = linear_state(initial_state, i_prior, q, (B, H, Dv, Dk))
+    o, unc, M, J, _ = forward_op(q, k, v, beta, log_alpha, i_prior, M0, J0, scale, with_uncertainty, chunk_size)
+    importance = J + i_prior.view(1, H, 1, 1)
+    return o, (unc if with_uncertainty else None), (M / importance, importance)

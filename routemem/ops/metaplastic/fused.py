@@ -18,8 +18,7 @@ import torch
 from torch import Tensor
 
 from routemem.ops import native
-from routemem.ops.metaplastic.autograd import register_autograd
-from routemem.ops.metaplastic.chunk import linear_state
+from routemem.ops.metaplastic.autograd import call_with_states, register_autograd
 
 _P, _I, _F = native.POINTER, native.INT64, native.DOUBLE
 KERNEL = native.Kernel(Path(__file__).with_name("fused_kernel.cpp"), "metaplastic", {
@@ -98,10 +97,5 @@ def metaplastic_fused(q, k, v, beta, log_alpha, i_prior, scale, initial_state, w
         raise ValueError(f"mode='fused' is a CPU kernel; the inputs are on {q.device} (use mode='chunk')")
     if q.dtype not in native.SUFFIX:
         raise ValueError(f"mode='fused' takes float32 or float64, got {q.dtype}")
-    B, _, H, Dk = q.shape
-    Dv = v.shape[-1]
-    M0, J0 = linear_state(initial_state, i_prior, q, (B, H, Dv, Dk))
-    o, unc, M, J, _ = _forward(q, k, v, beta, log_alpha, i_prior, M0, J0, scale, with_uncertainty,
-                               chunk_size)
-    importance = J + i_prior.view(1, H, 1, 1)
-    return o, (unc if with_uncertainty else None), (M / importance, importance)
+    return call_with_states(_forward, q, k, v, beta, log_alpha, i_prior, scale, initial_state,
+                            with_uncertainty, chunk_size)

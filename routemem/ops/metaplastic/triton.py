@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from routemem.ops.metaplastic.autograd import register_autograd
+from routemem.ops.metaplastic.autograd import call_with_states, register_autograd
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by Triton when the kernels are defined
 BLOCK_V = 32  # Dv rows per program: with Dk <= 128, two [32, 128] float32 states fit in registers
@@ -52,15 +52,20 @@ def _step_inputs(q, k, v, beta, log_alpha, row, rk, rv, mk, mv, Dk, Dv):
 
 
 @triton.jit
-def _forward_kernel(q, k, v, beta, log_alpha, prior, M0, J0, o, unc, starts, scale, T, H, Dk, Dv,
-                    CHUNK: tl.constexpr, WITH_UNC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def _program_tile(H, Dk, Dv, BK: tl.constexpr, BV: tl.constexpr):
+    """This program's (batch * H + head, batch, head), its Dk lanes and Dv rows with their masks, and
+    the offsets and mask of its [BV, BK] tile within one head's [Dv, Dk] state."""
     bh = tl.program_id(0)
-    b, h = bh // H, bh % H
     rk = tl.arange(0, BK)
     rv = tl.program_id(1) * BV + tl.arange(0, BV)
     mk, mv = rk < Dk, rv < Dv
-    tile = rv[:, None] * Dk + rk[None, :]
-    in_tile = mv[:, None] & mk[None, :]
+    return bh, bh // H, bh % H, rk, rv, mk, mv, rv[:, None] * Dk + rk[None, :], mv[:, None] & mk[None, :]
+
+
+@triton.jit
+def _forward_kernel(q, k, v, beta, log_alpha, prior, M0, J0, o, unc, starts, scale, T, H, Dk, Dv,
+                    CHUNK: tl.constexpr, WITH_UNC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    bh, b, h, rk, rv, mk, mv, tile, in_tile = _program_tile(H, Dk, Dv, BK, BV)
     M = tl.load(M0 + bh * Dv * Dk + tile, mask=in_tile, other=0.0).to(tl.float32)
     J = tl.load(J0 + bh * Dv * Dk + tile, mask=in_tile, other=0.0).to(tl.float32)
     p = tl.load(prior + h).to(tl.float32)
@@ -87,13 +92,7 @@ def _backward_kernel(q, k, v, beta, log_alpha, prior, starts, do, du, dM_T, dJ_T
                      dq, dk, dv, dbeta, dlog_alpha, dprior, dM0, dJ0, scale, T, H, Dk, Dv,
                      CHUNK: tl.constexpr, WITH_DU: tl.constexpr, WITH_DM: tl.constexpr,
                      WITH_DJ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    bh = tl.program_id(0)
-    b, h = bh // H, bh % H
-    rk = tl.arange(0, BK)
-    rv = tl.program_id(1) * BV + tl.arange(0, BV)
-    mk, mv = rk < Dk, rv < Dv
-    tile = rv[:, None] * Dk + rk[None, :]
-    in_tile = mv[:, None] & mk[None, :]
+    bh, b, h, rk, rv, mk, mv, tile, in_tile = _program_tile(H, Dk, Dv, BK, BV)
     p = tl.load(prior + h).to(tl.float32)
     gM = tl.zeros([BV, BK], dtype=tl.float32)
     gJ = tl.zeros([BV, BK], dtype=tl.float32)
@@ -214,15 +213,8 @@ register_autograd(triton_forward, triton_backward)
 def metaplastic_triton(q, k, v, beta, log_alpha, i_prior, scale, initial_state, with_uncertainty, chunk_size):
     """Inputs checked by ``metaplastic_attention``; i_prior is a [H] tensor. Same returns as
     ``metaplastic_chunk``: (o, uncertainty or None, (mu, importance))."""
-    from routemem.ops.metaplastic.chunk import linear_state
-
     if not applies_to(q):
         raise ValueError(f"mode='triton' runs on CUDA (or on the CPU with TRITON_INTERPRET=1 set before "
                          f"routemem is imported); the inputs are on {q.device} (use mode='chunk')")
-    B, _, H, Dk = q.shape
-    Dv = v.shape[-1]
-    M0, J0 = linear_state(initial_state, i_prior, q, (B, H, Dv, Dk))
-    o, unc, M, J, _ = triton_forward(q, k, v, beta, log_alpha, i_prior, M0, J0, scale, with_uncertainty,
-                                     chunk_size)
-    importance = J + i_prior.view(1, H, 1, 1)
-    return o, (unc if with_uncertainty else None), (M / importance, importance)
+    return call_with_states(triton_forward, q, k, v, beta, log_alpha, i_prior, scale, initial_state,
+                            with_uncertainty, chunk_size)
