@@ -59,21 +59,3 @@ def run_suite(name: str, quick: bool = False, out: str | None = None, device: st
         write_json(out, result)
     return result
 
-
-def first_call(call, device) -> tuple[float, str | None]:
-    """Seconds of the first call of ``call()`` (a ``--compile`` row's compile, paid outside the timed
-    calls), and None, or the one-line reason it failed: a form that does not compile (a graph break
-    under fullgraph=True, an op dynamo cannot trace) becomes a skipped row, not the end of the suite."""
-    from routemem.bench.common import seconds
-
-    try:
-        return seconds(call, device), None
-    except Exception as err:  # noqa: BLE001  torch.compile raises many kinds; the row says which
-        return 0.0, compile_failure(err)
-
-
-def compile_failure(err: BaseException) -> str:
-    """``err`` as a skipped row's reason: one line, its type and the first line of its message."""
-    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-    text = f"torch.compile(fullgraph=True) failed: {type(err).__name__}: {first}".rstrip(": ")
-    return text if len(text) <= 240 else text[:237] + "..."

@@ -31,7 +31,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from routemem.bench import first_call
 from routemem.bench.common import (
     CPU_ONLY_FUSED,
     FWD,
@@ -39,6 +38,7 @@ from routemem.bench.common import (
     all_met,
     backward_memory,
     find_row,
+    first_call,
     interleaved_runs,
     maybe_compile,
     memory_measure,

@@ -62,6 +62,23 @@ def maybe_compile(fn, enabled: bool):
     return torch.compile(fn, fullgraph=True) if enabled else fn
 
 
+def first_call(call, device) -> tuple[float, str | None]:
+    """Seconds of the first call of ``call()`` (a ``--compile`` row's compile, paid outside the timed
+    calls), and None, or the one-line reason it failed: a form that does not compile (a graph break
+    under fullgraph=True, an op dynamo cannot trace) becomes a skipped row, not the end of the suite."""
+    try:
+        return seconds(call, device), None
+    except Exception as err:  # noqa: BLE001  torch.compile raises many kinds; the row says which
+        return 0.0, compile_failure(err)
+
+
+def compile_failure(err: BaseException) -> str:
+    """``err`` as a skipped row's reason: one line, its type and the first line of its message."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    text = f"torch.compile(fullgraph=True) failed: {type(err).__name__}: {first}".rstrip(": ")
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
 def timed_call(forward: Callable[[], object], backward: bool, clear: Iterable[torch.Tensor],
                backprop: Callable[[object], object] = torch.Tensor.backward) -> Callable[[], None]:
     """The call a row times: ``forward()`` under no_grad (fwd), or ``forward()`` then

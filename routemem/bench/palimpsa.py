@@ -19,13 +19,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from routemem.bench import first_call
 from routemem.bench.common import (
     CPU_ONLY_FUSED,
     FWD,
     FWD_BWD,
     all_met,
     backward_memory,
+    first_call,
     maybe_compile,
     median_seconds,
     memory_measure,

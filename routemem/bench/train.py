@@ -25,12 +25,12 @@ import tempfile
 
 import torch
 
-from routemem.bench import first_call
 from routemem.bench.common import (
     CUDA_PEAK,
     FWD_BWD,
     all_met,
     cuda_peak_bytes,
+    first_call,
     row,
     seconds,
     sync,

@@ -38,12 +38,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from routemem.bench import first_call
 from routemem.bench.common import (
     FWD,
     FWD_BWD,
     all_met,
     backward_memory,
+    first_call,
     interleaved_runs,
     maybe_compile,
     memory_measure,
