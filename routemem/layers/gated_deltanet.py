@@ -27,7 +27,7 @@ class GatedDeltaNetMixer(RecurrentMixer):
     """Options: ``expand_v`` (value head dim = expand_v * d_model / n_head), ``mode``/``chunk_size``
     (passed to the op), ``conv_width``."""
 
-    def __init__(self, spec: LayerSpec, expand_v: int = 1, mode: str = "chunk", chunk_size: int = 64,
+    def __init__(self, spec: LayerSpec, expand_v: int = 1, mode: str = "auto", chunk_size: int = 64,
                  conv_width: int = 4):
         super().__init__()
         name = "gated_deltanet"

@@ -12,11 +12,13 @@ from routemem.ops.checks import (
     check_chunk_size, check_mode, check_qkv, expect_log_decay, expect_range, expect_same_dtype,
     expect_shape,
 )
+from routemem.ops import fla
 from routemem.ops.delta_rule.chunk import delta_rule_chunk
-from routemem.ops.fla import delta_rule_fla
 from routemem.ops.delta_rule.reference import delta_rule_reference
 
-MODES = ("reference", "chunk", "fla")  # fla: flash-linear-attention's chunk kernel (ops/fla.py; CUDA)
+# fla: flash-linear-attention's chunk kernel (routemem/ops/fla.py; CUDA);
+# auto: fla on CUDA when it imports, else chunk
+MODES = ("reference", "chunk", "fla", "auto")
 
 
 def gated_delta_rule(q, k, v, beta, log_alpha, *, scale=None, initial_state=None,
@@ -34,10 +36,12 @@ def gated_delta_rule(q, k, v, beta, log_alpha, *, scale=None, initial_state=None
     check_mode(mode, MODES)
     check_chunk_size(chunk_size)
     scale = Dk ** -0.5 if scale is None else float(scale)
+    if mode == "auto":
+        mode = "fla" if fla.dispatches(q) else "chunk"
     if mode == "reference":
         o, final = delta_rule_reference(q, k, v, beta, log_alpha, scale, initial_state)
     elif mode == "fla":
-        o, final = delta_rule_fla(q, k, v, beta, log_alpha, scale, initial_state)
+        o, final = fla.delta_rule_fla(q, k, v, beta, log_alpha, scale, initial_state)
     else:
         o, final = delta_rule_chunk(q, k, v, beta, log_alpha, scale, initial_state, chunk_size)
     return (o, final) if output_final_state else o

@@ -10,12 +10,12 @@ from __future__ import annotations
 from routemem.ops.checks import (
     check_chunk_size, check_mode, check_qkv, expect_log_decay, expect_same_dtype, expect_shape,
 )
-from routemem.ops.fla import gla_fla
+from routemem.ops import fla
 from routemem.ops.gla.chunk import gla_chunk
 from routemem.ops.gla.reference import gla_reference
 
-# fla: flash-linear-attention's chunk kernel (routemem/ops/fla.py; CUDA, by name only for now);
-# auto: chunk (the fastest form here)
+# fla: flash-linear-attention's chunk kernel (routemem/ops/fla.py; CUDA);
+# auto: fla on CUDA when it imports, else chunk (the fastest form here)
 MODES = ("reference", "chunk", "fla", "auto")
 
 
@@ -33,11 +33,11 @@ def gated_linear_attention(q, k, v, log_alpha, *, scale=None, initial_state=None
     check_chunk_size(chunk_size)
     scale = Dk ** -0.5 if scale is None else float(scale)
     if mode == "auto":
-        mode = "chunk"
+        mode = "fla" if fla.dispatches(q) else "chunk"
     if mode == "reference":
         o, final = gla_reference(q, k, v, log_alpha, scale, initial_state)
     elif mode == "fla":
-        o, final = gla_fla(q, k, v, log_alpha, scale, initial_state)
+        o, final = fla.gla_fla(q, k, v, log_alpha, scale, initial_state)
     else:
         o, final = gla_chunk(q, k, v, log_alpha, scale, initial_state, chunk_size)
     return (o, final) if output_final_state else o
