@@ -51,12 +51,13 @@ step environment 30 "$OUT_DIR/environment.log" bash -c '
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" && exit $smi' _ "$OUT_DIR" "$PY"
 cat "$OUT_DIR/environment.log"
 
-# flash-linear-attention (the kernels suite's fla rows) from a folder of wheels, for a machine without
-# network: FLA_WHEELS=path/to/wheels (an ignored folder of the checkout). Without it, fla's rows say
-# it is absent.
+# fla's kernels (mode="fla", its cuda-marked tests, the kernels suite's fla rows) from a folder of
+# wheels, for a machine without network: FLA_WHEELS=path/to/wheels (an ignored folder of the checkout)
+# holding fla-core and einops (fla-core is the kernels alone; flash-linear-attention adds its
+# transformers models, which routemem does not need). Without it, those tests and rows say fla is absent.
 if [ -n "${FLA_WHEELS:-}" ]; then
     step install-fla 120 "$OUT_DIR/install-fla.log" \
-        "$PY" -m pip install --no-index --no-deps --find-links "$FLA_WHEELS" flash-linear-attention fla-core
+        "$PY" -m pip install --no-index --no-deps --find-links "$FLA_WHEELS" fla-core einops
 fi
 
 step pytest "$PYTEST_TIMEOUT" "$OUT_DIR/pytest-cuda.log" \
