@@ -1,4 +1,4 @@
-"""Command line: ``routemem train | eval | sample | corpora | bench | reproduce | pretrain-vit``.
+"""Command line: ``routemem train | eval | sample | export-hf | corpora | bench | reproduce | pretrain-vit``.
 
 A mistake the user can fix (bad path, config typo, corrupt checkpoint) prints one line
 ``routemem: error: ...`` and exits with code 2; no traceback.
@@ -129,6 +129,19 @@ def cmd_sample(args) -> int:
     idx = torch.as_tensor(ids.astype("int64"))[None]
     out = model.generate(idx, args.tokens, temperature=args.temperature, top_k=args.top_k, generator=generator)
     print(tokenizer.decode(out[0].numpy()))
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    check_output_path(args.out, "--out", folder=True)
+    try:
+        from routemem.integrations.hf.convert import export_checkpoint, import_checkpoint
+    except ImportError as err:
+        if err.name is None or not err.name.startswith("transformers"):
+            raise
+        raise UserError("export-hf needs transformers: pip install 'routemem[hf]'") from None
+    convert = export_checkpoint if args.to == "hf" else import_checkpoint
+    print(convert(args.ckpt, args.out))
     return 0
 
 
@@ -397,6 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (>= 1)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export-hf", help="convert a checkpoint to a transformers model folder (from_pretrained), "
+                                         "or back with --to routemem")
+    p.add_argument("--ckpt", required=True, help="what to convert: a run directory or its ckpt/ folder (--to hf), "
+                                                 "a folder written by export-hf (--to routemem)")
+    p.add_argument("--out", required=True, help="the new folder (missing or empty)")
+    p.add_argument("--to", choices=["hf", "routemem"], default="hf",
+                   help="hf: a transformers folder; routemem: a run directory holding ckpt/ (default %(default)s)")
+    p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("corpora", help="list the named corpora, their sizes and availability")
     p.add_argument("--data-dir")

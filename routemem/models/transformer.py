@@ -28,6 +28,41 @@ def residual_weights(branch: nn.Module) -> list[torch.Tensor]:
     return [linears[-1].weight] if linears else []
 
 
+@torch.no_grad()
+def init_linears(root: nn.Module, std: float) -> None:
+    """N(0, std) for every linear and embedding weight under ``root``, zero biases."""
+    for module in root.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def init_layers(root: nn.Module, include_root: bool = False) -> None:
+    """Each layer's own ``_init_weights()`` (a mechanism's decay rates, gates, prototypes)."""
+    for module in root.modules():
+        if (include_root or module is not root) and hasattr(module, "_init_weights"):
+            module._init_weights()
+
+
+@torch.no_grad()
+def scale_residual(branch: nn.Module, std: float, n_layer: int, zero: bool = False) -> None:
+    """The weights that write into the residual stream: N(0, std / sqrt(2 n_layer)), or zero."""
+    for weight in residual_weights(branch):
+        if zero:
+            weight.zero_()
+        else:
+            weight.normal_(mean=0.0, std=std / math.sqrt(2 * n_layer))
+
+
+def init_branch(branch: nn.Module, std: float, n_layer: int) -> nn.Module:
+    """routemem's initialisation of one residual branch (a mixer or an FFN) placed in another model."""
+    init_linears(branch, std)
+    init_layers(branch, include_root=True)
+    scale_residual(branch, std, n_layer)
+    return branch
+
+
 class Block(nn.Module):
     """x + mixer(norm(x)), then x + ffn(norm(x))."""
 
@@ -83,26 +118,13 @@ class TransformerLM(nn.Module):
 
     # -- initialisation -------------------------------------------------------------------------
     def reset_parameters(self) -> None:
-        """GPT-2 style: N(0, init_std) for linears and embeddings; then each layer's own
-        ``_init_weights()`` (a mechanism's decay rates, gates, prototypes); last, the weights that
-        write into the residual stream are scaled down by sqrt(2 * n_layer) (or zeroed)."""
-        std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        for module in self.modules():
-            if module is not self and hasattr(module, "_init_weights"):
-                module._init_weights()
-        with torch.no_grad():
-            for block in self.blocks:
-                for branch in (block.mixer, block.ffn):
-                    for weight in residual_weights(branch):
-                        if self.config.zero_init_residual:
-                            weight.zero_()
-                        else:
-                            weight.normal_(mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+        """GPT-2 style, the three steps of ``init_branch`` applied to the whole model (each step over
+        every module before the next, so the random draws keep their order)."""
+        init_linears(self, self.config.init_std)
+        init_layers(self)
+        for block in self.blocks:
+            for branch in (block.mixer, block.ffn):
+                scale_residual(branch, self.config.init_std, self.config.n_layer, self.config.zero_init_residual)
 
     # -- forward --------------------------------------------------------------------------------
     def _embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
