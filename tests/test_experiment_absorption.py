@@ -19,7 +19,7 @@ from routemem.experiments.shared.common import INCONCLUSIVE, NOT_REPRODUCED, REP
 from routemem.experiments.shared.text_lm import text_task
 from routemem.ops.gated_sparse import attention_probs, gate_scores
 
-TINY = replace(absorption.QUICK, d_model=32, n_head=2, seq_len=64, k=8, rank=4, batch_size=4, tokens=2_048,
+TINY = replace(absorption.QUICK, d_model=32, n_head=2, seq_len=64, k=8, block_size=4, rank=4, batch_size=4, tokens=2_048,
                seeds=(0, 1), val_tokens=1_024, curve_points=2, curve_tokens=512, distill_steps=3, distill_batch=2,
                apn_pretrain_steps=3, apn_adapt_steps=2, bf16=False)
 
@@ -199,19 +199,24 @@ def test_tiny_study_writes_six_claims_report_and_plots(tmp_path):
     on_disk = json.loads((study / "results.json").read_text())
     assert [c["id"] for c in on_disk["claims"]] == [
         "soft_learned_vs_random", "hard_topk_zero_gradient", "distilled_gate_on_coadapted_model",
-        "mask_randomisation_still_coadapts", "attention_concentration", "apn_random_router_matches_learned"]
+        "mask_randomisation_still_coadapts", "attention_concentration", "apn_random_router_matches_learned",
+        "block_soft_learned_vs_random", "moba_absorbs_routing", "block_posthoc_gate_dense_vs_coadapted",
+        "block_concentration"]
     assert all(c["verdict"] in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE) for c in on_disk["claims"])
     assert sorted(r["arm"] for r in results["runs"]) == sorted(absorption.ARMS * len(TINY.seeds))
-    assert sorted((r["source"], r["seed"]) for r in results["distilled"]) == [
-        ("dense", 0), ("dense", 1), ("hard", 0), ("hard", 1)]
+    assert sorted((r["granularity"], r["source"], r["seed"]) for r in results["distilled"]) == [
+        ("block", "block-hard", 0), ("block", "block-hard", 1), ("block", "dense", 0), ("block", "dense", 1),
+        ("token", "dense", 0), ("token", "dense", 1), ("token", "hard", 0), ("token", "hard", 1)]
     assert all(len(r["f1"]) == TINY.n_layer and 0 <= min(r["f1"]) <= max(r["f1"]) <= 1 for r in results["distilled"])
     routers = sorted((r["router"], r["arm"]) for r in results["apn_runs"])
     assert routers == sorted([(router, arm) for router in ("learned", "random") for arm in ("pretrain-apn", "apn-patches")] * 2)
     assert on_disk["claims"][1]["verdict"] == REPRODUCED  # the zero gradient holds at any size
     report = (study / "report.md").read_text()
-    for heading in ("## Claims", "## Language models", "## Gate distillation", "## Attention concentration", "## APN"):
+    for heading in ("## Claims", "## Language models", "## Gate distillation", "## Attention concentration",
+                    "## Block routing", "## APN"):
         assert heading in report
-    for plot in ("ppl_per_arm.png", "f1_vs_deployed_ppl.png", "concentration.png", "gate_grad_norm.png"):
+    for plot in ("ppl_per_arm.png", "f1_vs_deployed_ppl.png", "concentration.png", "gate_grad_norm.png",
+                 "block_concentration.png", "block_map.png"):
         assert (study / plot).stat().st_size > 0
     assert "runs reused from the cache" in report
 
@@ -246,4 +251,94 @@ def test_cli_reproduce_absorption_quick_and_resume(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(absorption, "train_lm", lambda *args: pytest.fail("a cached unit was trained again"))
     monkeypatch.setattr(absorption.adaptation, "train_kind", lambda *args: pytest.fail("a cached unit was trained again"))
     again = absorption.run(out=tmp_path, quick=True)
-    assert again["runs_reused"] == 6  # dense+hard+distill, three arms, two routers
+    assert again["runs_reused"] == 9  # dense+hard+block-hard+distill, six arms, two routers
+
+
+# --- block granularity -----------------------------------------------------------------------
+
+
+def test_block_arms_read_at_most_the_token_arms_k_keys_per_query():
+    for setting in (absorption.FULL, absorption.QUICK, TINY):
+        assert (setting.top_k_blocks + 1) * setting.block_size == setting.k
+    kwargs = absorption.model_config(TINY, "block-moba").mixer_kwargs
+    assert (kwargs["granularity"], kwargs["gate"], kwargs["mode"]) == ("block", "moba", "hard")
+    assert absorption.model_config(TINY, "block-soft-random").mixer_kwargs["gate"] == "random"
+
+
+def test_block_claim_rules_every_verdict():
+    def arms(dense, learned, random, moba):
+        return lm_runs({"dense": dense, "block-soft-learned": learned, "block-soft-random": random,
+                        "block-moba": moba})
+
+    same = arms([2.00, 2.01, 2.02], [2.01, 2.00, 2.02], [2.02, 2.01, 2.00], [2.01, 2.02, 2.00])
+    b1 = absorption_claims.soft_gate_claim(same, "block-soft-learned", "block-soft-random", "b1", " block")
+    assert b1["verdict"] == REPRODUCED and b1["id"] == "b1"
+    learned_wins = arms([2.00, 2.01, 2.02], [2.00, 2.01, 2.02], [2.50, 2.51, 2.52], [2.0] * 3)
+    assert absorption_claims.soft_gate_claim(learned_wins, "block-soft-learned", "block-soft-random",
+                                             "b1", " block")["verdict"] == NOT_REPRODUCED
+    assert absorption_claims.moba_claim(same)["verdict"] == REPRODUCED
+    worse = arms([2.00, 2.01, 2.02], [2.0] * 3, [2.0] * 3, [2.30, 2.31, 2.32])
+    assert absorption_claims.moba_claim(worse)["verdict"] == NOT_REPRODUCED
+    better = arms([2.30, 2.31, 2.32], [2.0] * 3, [2.0] * 3, [2.00, 2.01, 2.02])
+    assert absorption_claims.moba_claim(better)["verdict"] == REPRODUCED
+    assert absorption_claims.moba_claim(arms([2.0], [2.0], [2.0], [2.0]))["verdict"] == INCONCLUSIVE
+
+
+def test_block_distillation_rule_reads_only_block_records():
+    def block(source, own, deployed, f1):
+        return [{**r, "granularity": "block"} for r in distilled(source, own, deployed, f1)]
+
+    token_noise = distilled("dense", [9.0] * 3, [9.9] * 3, f1=0.1)  # must not enter the block claim
+    dense_ok = block("dense", [1.50, 1.51, 1.52], [1.55, 1.56, 1.57], f1=0.8)
+    coadapted = block("block-hard", [1.55, 1.56, 1.57], [2.50, 2.60, 2.55], f1=0.75)
+    claim = absorption_claims.distillation_claim(token_noise + dense_ok + coadapted, "block")
+    assert claim["verdict"] == REPRODUCED and claim["id"] == "block_posthoc_gate_dense_vs_coadapted"
+    assert claim["measured"]["degradation"]["dense"]["mean"] == pytest.approx(0.05)
+    fine = block("block-hard", [1.55, 1.56, 1.57], [1.55, 1.56, 1.57], f1=0.8)
+    assert absorption_claims.distillation_claim(dense_ok + fine, "block")["verdict"] == NOT_REPRODUCED
+    assert absorption_claims.distillation_claim(token_noise, "block")["verdict"] == INCONCLUSIVE
+
+
+def test_block_concentration_rule():
+    def runs(values):
+        return [{"arm": "dense", "seed": s, "metrics": {"val_loss": 2.0}, "concentration": [0.5, 0.5],
+                 "block_concentration": v} for s, v in enumerate(values)]
+
+    high = absorption_claims.block_concentration_claim(runs([[0.95, 0.85], [0.93, 0.87]]), TINY)
+    assert high["verdict"] == REPRODUCED and high["measured"]["overall"]["mean"] == pytest.approx(0.9)
+    assert high["measured"]["token_level"]["mean"] == pytest.approx(0.5)
+    assert absorption_claims.block_concentration_claim(runs([[0.6, 0.7]]), TINY)["verdict"] == NOT_REPRODUCED
+    assert absorption_claims.block_concentration_claim([], TINY)["verdict"] == INCONCLUSIVE
+
+
+def test_block_distill_loss_is_zero_exactly_when_the_gate_reproduces_the_block_mass():
+    from routemem.ops.gated_sparse.block_select import block_attention_mass, past_block_mask
+
+    q, k = torch.randn(2, 16, 3, 4, dtype=torch.float64), torch.randn(2, 16, 3, 4, dtype=torch.float64)
+    mass = block_attention_mass(q, k, 4)
+    past = past_block_mask(4)
+    matching = mass.clamp_min(1e-300).log().masked_fill(~past, float("-inf")) + 3.0
+    assert absorption_distill.block_distill_loss(matching, mass).item() == pytest.approx(0.0, abs=1e-12)
+    assert absorption_distill.block_distill_loss(torch.zeros_like(mass), mass).item() > 1e-3
+
+
+def test_block_distillation_trains_only_the_students_block_gate():
+    source = absorption.build_model(TINY, "dense", seed=0)
+    student = absorption_distill.student_model(absorption.model_config(TINY, "block-hard"), source, seed=0)
+    assert all(b.mixer.block is not None for b in student.blocks)
+    _, loss = absorption_distill.GateDistillation(student, source)(torch.randint(0, 256, (2, TINY.seq_len)))
+    loss.backward()
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and p.grad.abs().max() > 0 for p in trainable)
+
+
+def test_block_hard_arm_logs_zero_gate_gradient_and_a_block_map():
+    _, record = absorption.train_lm(replace(TINY, tokens=3 * TINY.batch_size * TINY.seq_len), "block-hard", 0,
+                                    "pydocs", None)
+    assert record["gate_grad"]["norm"] == [0.0] * 3
+    n = TINY.seq_len // TINY.block_size
+    chosen = torch.tensor(record["block_map"])
+    assert chosen.shape == (n, n) and torch.equal(chosen.diagonal(), torch.ones(n, dtype=chosen.dtype))
+    assert torch.count_nonzero(chosen.triu(1)) == 0  # never a future block
+    assert all(chosen[i].sum() == min(i, TINY.top_k_blocks) + 1 for i in range(n))
+    assert len(record["block_concentration"]) == TINY.n_layer

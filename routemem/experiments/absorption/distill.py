@@ -9,6 +9,12 @@ the loss is KL(p_i || softmax_j(s_ij)) over causal keys, averaged over queries, 
 the per-query form of SeerAttention's KL (no block pooling). The oracle mask is the top k of p_i.
 Deployed, the student attends through the distilled gate's top k; its F1 against the oracle is
 measured on that same deployed forward, on validation text.
+
+At block granularity (claim B3) the student's gate is a learned block gate and the target is
+SeerAttention's: per layer and query block i >= 1, the source's dense attention mass of block i's
+queries on each past key block j < i, normalised; the loss is KL(that || softmax_j(s_ij)). The own
+block is always read, so it is no part of the choice. The oracle is the top_k_blocks past blocks by
+that mass.
 """
 
 from __future__ import annotations
@@ -21,6 +27,10 @@ from torch import nn
 from routemem.experiments.shared.common import use_bf16
 from routemem.models import LMConfig, TransformerLM
 from routemem.ops.gated_sparse import attention_probs, causal_mask, oracle_mask
+from routemem.ops.gated_sparse.block_select import (
+    block_attention_mass, past_block_mask, select_past_blocks, selected_block_mask,
+)
+from routemem.ops.gated_sparse.block_select import block_concentration as block_share
 from routemem.train.config import TrainConfig
 from routemem.train.supervised import fit_steps
 
@@ -65,6 +75,43 @@ def concentration(model: TransformerLM, inputs: torch.Tensor, k: int) -> list[fl
     return shares
 
 
+@torch.no_grad()
+def block_concentration(model: TransformerLM, inputs: torch.Tensor, block_size: int) -> list[float]:
+    """Per layer: the mean share of each query block's dense attention mass in its top 1/8 of causal
+    key blocks (ops/gated_sparse/block_select.py: ``block_concentration``)."""
+    shares = []
+    for block, x in zip(model.blocks, mixer_inputs(model, inputs)):
+        q, key, _ = block.mixer._heads(x, 0)
+        shares.append(float(block_share(block_attention_mass(q.float(), key.float(), block_size))))
+    return shares
+
+
+@torch.no_grad()
+def selected_blocks(model: TransformerLM, inputs: torch.Tensor) -> list[list[int]]:
+    """The key blocks (1) each query block of the first sequence reads in layer 0, head 0, by the
+    gate's top_k_blocks (its own block included): the map a block-routed model deploys with."""
+    mixer = gated_mixers(model)[0]
+    scores, _ = mixer.maps(mixer_inputs(model, inputs[:1])[0])
+    chosen = selected_block_mask(*select_past_blocks(scores, mixer.block.top_k_blocks), scores.shape[-1])
+    return chosen[0, 0].int().tolist()
+
+
+def block_distill_loss(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Mean over query blocks i >= 1 of KL(mass_i / sum_{j<i} mass_ij || softmax_{j<i}(scores_i));
+    [B, H, n, n] each (the mixer's ``maps`` at block granularity)."""
+    past = past_block_mask(scores.shape[-1], scores.device)[1:]  # block 0 has no past block
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    log_q = scores[..., 1:, :].to(dtype).masked_fill(~past, float("-inf")).log_softmax(-1)
+    p = mass[..., 1:, :].to(dtype).masked_fill(~past, 0.0)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+    terms = p * (p.clamp_min(1e-30).log() - torch.where(past, log_q, torch.zeros_like(log_q)))
+    return terms.masked_fill(~past, 0.0).sum(-1).mean()
+
+
+def mixer_distill_loss(mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return (block_distill_loss if mixer.block is not None else distill_loss)(*mixer.maps(x))
+
+
 def distill_loss(scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """Mean over queries of KL(probs_i || softmax(scores_i)) over causal keys; [B, H, T, T] each."""
     causal = causal_mask(scores.shape[-1], scores.device)
@@ -86,7 +133,7 @@ class GateDistillation(nn.Module):
 
     def forward(self, inputs: torch.Tensor, targets=None):
         layers = mixer_inputs(self._source[0], inputs)
-        loss = sum(distill_loss(*mixer.maps(x)) for mixer, x in zip(gated_mixers(self.student), layers))
+        loss = sum(mixer_distill_loss(mixer, x) for mixer, x in zip(gated_mixers(self.student), layers))
         return None, loss / len(layers)
 
 
@@ -144,12 +191,14 @@ def distill(setting, source: TransformerLM, source_arm: str, student_config: LMC
                        progress=f"distill onto {source_arm} seed={seed}")
     probe = task.probe.to(device)
     set_deploy(student, "gate")
-    record = {"kind": "distill", "source": source_arm, "seed": seed, "steps": setting.distill_steps,
+    granularity = student_config.mixer_kwargs.get("granularity", "token")
+    record = {"kind": "distill", "source": source_arm, "granularity": granularity, "seed": seed,
+              "steps": setting.distill_steps,
               "loss_curve": losses[:: max(1, len(losses) // 50)], "final_loss": float(sum(losses[-10:]) / len(losses[-10:])),
               "own_loss": task.val_loss(source, setting.val_tokens, bf16),
               "deployed_loss": task.val_loss(student, setting.val_tokens, bf16),
               "f1": gate_f1(student, probe)}
-    if source_arm == "hard":
+    if source_arm != "dense":
         record["own_gate_f1"] = gate_f1(source, probe)  # the co-adapted gate it was trained with
     set_deploy(student, "oracle")
     record["oracle_loss"] = task.val_loss(student, setting.val_tokens, bf16)

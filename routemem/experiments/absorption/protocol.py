@@ -11,17 +11,27 @@ attention picks its keys (the ``gated_sparse`` mixer, layers/gated_sparse.py):
     mask-random   no gate; each training step attends through random masks of k keys per query
                   with probability ``mask_p``; evaluated dense
 
+and at block granularity (query blocks choose key blocks, layers/block_routing.py), at the token
+arms' sparsity: a query reads at most (top_k_blocks + 1) * block_size = k keys:
+
+    block-moba         MoBA's parameter-free gate (q . k block means), hard top-k blocks
+    block-soft-learned logits += log sigmoid(s / tau) per key block, s the learned gate on block means
+    block-soft-random  the same gate frozen at its random init
+    block-hard         the learned block gate, hard top-k blocks (zero gradient to the gate)
+
 Claim 1 compares dense and the soft arms; claim 2 reads the gate's gradient norm, logged at every
 step of the soft-learned and hard arms; claim 3 distils a fresh gate onto the frozen dense and hard
 models (experiments/absorption/distill.py) and deploys it; claim 4 evaluates mask-random dense;
-claim 5 measures the dense model's attention concentration per layer. Claim 6 tests the paper's
+claim 5 measures the dense model's attention concentration per layer. Claims B1-B4 ask the same at
+block granularity (claims.py): learned vs random block gate, moba against dense, a post-hoc block
+gate distilled onto the dense and the block-hard models, and block concentration. Claim 6 tests the paper's
 link to Mixture-of-Experts on our own router: APN with learned vs frozen random prototypes,
 pretrained and adapted with the APN study's pipeline (experiments/shared/adaptation.py). The rules are in
 experiments/absorption/claims.py, fixed before the full run.
 
-Units of work (``--jobs`` / ``--shard``): one per (arm, seed) for the soft and mask-random arms;
-one per seed for dense + hard + both distillations (the distillations need both models' weights,
-kept in memory); one per (router, seed) for APN.
+Units of work (``--jobs`` / ``--shard``): one per (arm, seed) for the soft, mask-random, block-moba
+and block-soft arms; one per seed for dense + hard + block-hard and the four distillations (they
+need those models' weights, kept in memory); one per (router, seed) for APN.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from routemem.errors import TrainingDiverged
 from routemem.experiments.absorption import claims as absorption_claims
 from routemem.experiments.absorption import distill as absorption_distill
 from routemem.experiments.absorption import report as absorption_report
+from routemem.experiments.absorption.arms import ARMS, BLOCK_ARMS, LEARNED_GATES
 from routemem.experiments.shared import adaptation
 from routemem.experiments.shared.cache import RunCache, run_key
 from routemem.experiments.shared.common import compile_fields, use_bf16, write_outputs
@@ -47,7 +58,6 @@ from routemem.models import LMConfig, TransformerLM
 from routemem.train.config import TrainConfig
 from routemem.train.supervised import fit_steps
 
-ARMS = ("dense", "soft-learned", "soft-random", "hard", "mask-random")
 ROUTERS = ("learned", "random")  # claim 6: APN prototypes trained (sgd) or frozen at init
 
 
@@ -58,6 +68,9 @@ class Setting:
     n_head: int = 4
     seq_len: int = 256
     k: int = 32  # keys per query: T / 8, the paper's 64 of 512
+    # Block arms: at most (top_k_blocks + 1) * block_size = k keys per query, as the token arms.
+    block_size: int = 16
+    top_k_blocks: int = 1
     rank: int = 16  # the gate's rank r
     tau: float = 1.0
     # Random masks on a share of the training steps, dense on the rest: "stochastic" randomisation.
@@ -90,7 +103,7 @@ class Setting:
 
 
 FULL = Setting()
-QUICK = replace(FULL, d_model=64, n_layer=2, seq_len=128, k=16, rank=8, batch_size=8, tokens=150_000, seeds=(0, 1),
+QUICK = replace(FULL, d_model=64, n_layer=2, seq_len=128, k=16, block_size=8, rank=8, batch_size=8, tokens=150_000, seeds=(0, 1),
                 val_tokens=16_384, curve_points=4, curve_tokens=4_096, distill_steps=60, apn_pretrain_steps=150,
                 apn_adapt_steps=60, apn=dict(adaptation.QUICK.apn))
 
@@ -104,6 +117,12 @@ def model_config(setting: Setting, arm: str) -> LMConfig:
                     max_seq_len=setting.seq_len)
     if arm == "dense":
         return base
+    if arm in BLOCK_ARMS:
+        blocks = {"granularity": "block", "block_size": setting.block_size, "top_k_blocks": setting.top_k_blocks,
+                  "rank": setting.rank, "tau": setting.tau}
+        gate, mode = {"block-moba": ("moba", "hard"), "block-soft-learned": ("learned", "soft"),
+                      "block-soft-random": ("random", "soft"), "block-hard": ("learned", "hard")}[arm]
+        return replace(base, mixer="gated_sparse", mixer_kwargs={**blocks, "gate": gate, "mode": mode})
     gated = {"k": setting.k, "rank": setting.rank, "tau": setting.tau, "hard_form": "mask"}
     kwargs = {"soft-learned": {"gate": "learned", "mode": "soft"},
               "soft-random": {"gate": "random", "mode": "soft"},
@@ -156,7 +175,7 @@ def train_lm(setting: Setting, arm: str, seed: int, corpus: str, data_dir: str |
     cfg = TrainConfig(batch_size=setting.batch_size, max_steps=steps, lr=setting.lr, min_lr=setting.lr / 10,
                       warmup_steps=max(1, steps // 20), weight_decay=0.1, seed=seed, compile=compile)
     curve_at = {round(steps * (i + 1) / setting.curve_points) - 1 for i in range(setting.curve_points)}
-    learned_gate = arm in ("soft-learned", "hard")
+    learned_gate = arm in LEARNED_GATES
     record = {"arm": arm, "seed": seed, "steps": steps, "batch_tokens": setting.batch_size * setting.seq_len,
               "params": model.num_params(include_embeddings=False), "curve": {"step": [], "val_loss": []},
               "gate_grad": {"norm": [], "with_grad": []} if learned_gate else None}
@@ -185,11 +204,15 @@ def train_lm(setting: Setting, arm: str, seed: int, corpus: str, data_dir: str |
         absorption_distill.set_deploy(model, path)
         deployed[path] = task.val_loss(model, setting.val_tokens, bf16)
     absorption_distill.set_deploy(model, "dense" if arm == "mask-random" else "gate")
+    probe = task.probe.to(device)
     record.update(
         metrics={"val_loss": deployed["dense" if arm in ("dense", "mask-random") else "gate"],
                  "deployed": deployed, "train_loss_final": float(np.mean(losses[-20:]))},
-        concentration=absorption_distill.concentration(model, task.probe.to(device), setting.k),
-        seconds=time.perf_counter() - start)
+        concentration=absorption_distill.concentration(model, probe, setting.k),
+        block_concentration=absorption_distill.block_concentration(model, probe, setting.block_size))
+    if arm in BLOCK_ARMS:
+        record["block_map"] = absorption_distill.selected_blocks(model, probe)
+    record["seconds"] = time.perf_counter() - start
     return model, record
 
 
@@ -201,19 +224,24 @@ def lm_unit(setting: Setting, arm: str, seed: int, corpus: str, data_dir: str | 
     return [train_lm(setting, arm, seed, corpus, data_dir, device, compile)[1]]
 
 
+# distillations: (source arm, the student's arm: a fresh learned hard gate of that granularity)
+DISTILLATIONS = (("dense", "hard"), ("hard", "hard"), ("dense", "block-hard"), ("block-hard", "block-hard"))
+
+
 def coadaptation_unit(setting: Setting, seed: int, corpus: str, data_dir: str | None, device: str,
                       compile: bool = False) -> list[dict]:
-    """Dense and hard models of one seed, then a gate distilled onto each (claim 3). ``compile``
-    applies to the two models' training; the distillation stays eager."""
+    """Dense, hard and block-hard models of one seed, then a token gate distilled onto the dense and
+    hard models (claim 3) and a block gate onto the dense and block-hard models (claim B3).
+    ``compile`` applies to the models' training; the distillation stays eager."""
     records, models = [], {}
-    for arm in ("dense", "hard"):
+    for arm in ("dense", "hard", "block-hard"):
         models[arm], record = train_lm(setting, arm, seed, corpus, data_dir, device, compile)
         records.append(record)
     if any("diverged" in r for r in records):
         return records
     task = text_task(setting, corpus, data_dir, seed)
-    for source in ("dense", "hard"):
-        records.append(absorption_distill.distill(setting, models[source], source, model_config(setting, "hard"),
+    for source, student in DISTILLATIONS:
+        records.append(absorption_distill.distill(setting, models[source], source, model_config(setting, student),
                                                   task, seed))
     return records
 
@@ -241,8 +269,8 @@ def units(setting: Setting, corpus: str, pair: str, data_dir: str | None, device
     todo = []
     for seed in setting.seeds:
         todo.append(Unit(f"dense-hard-distill-seed{seed}", coadaptation_unit, (setting, seed, corpus, data_dir, device.type),
-                         run_key(data, ("seeds",), arms=["dense", "hard"], seed=seed), compiles=True))
-        for arm in ("soft-learned", "soft-random", "mask-random"):
+                         run_key(data, ("seeds",), arms=["dense", "hard", "block-hard"], seed=seed), compiles=True))
+        for arm in ("soft-learned", "soft-random", "mask-random", "block-moba", "block-soft-learned", "block-soft-random"):
             todo.append(Unit(f"{arm}-seed{seed}", lm_unit, (setting, arm, seed, corpus, data_dir, device.type),
                              run_key(data, ("seeds",), arm=arm, seed=seed), compiles=True))
         for router in ROUTERS:

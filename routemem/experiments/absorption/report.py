@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from routemem.experiments.absorption.arms import ARMS, BLOCK_ARMS, COLORS, LEARNED_GATES
 from routemem.experiments.absorption.claims import (
     CONCENTRATION_MIN,
     F1_RATIO,
@@ -15,9 +16,7 @@ from routemem.experiments.absorption.claims import (
 )
 from routemem.experiments.shared.common import invocation_text, markdown_table, summarize
 
-ARMS = ("dense", "soft-learned", "soft-random", "hard", "mask-random")
-COLORS = {"dense": "tab:gray", "soft-learned": "tab:blue", "soft-random": "tab:orange", "hard": "tab:red",
-          "mask-random": "tab:purple"}
+DISTILL_SOURCES = (("token", "dense"), ("token", "hard"), ("block", "dense"), ("block", "block-hard"))
 
 
 def _stats(values: list[float], digits: int = 3) -> str:
@@ -50,12 +49,21 @@ def _arm_rows(runs: list[dict]) -> list[list]:
 
 def _distill_rows(distilled: list[dict]) -> list[list]:
     rows = []
-    for source in ("dense", "hard"):
-        done = [r for r in distilled if r["source"] == source]
-        rows.append([source, len(done), _stats([float(np.mean(r["f1"])) for r in done]),
+    for granularity, source in DISTILL_SOURCES:
+        done = [r for r in distilled if r["source"] == source and r.get("granularity", "token") == granularity]
+        rows.append([granularity, source, len(done), _stats([float(np.mean(r["f1"])) for r in done]),
                      _ppl([r["own_loss"] for r in done]), _ppl([r["deployed_loss"] for r in done]),
                      _ppl([r["oracle_loss"] for r in done]), _stats([r["deployed_loss"] - r["own_loss"] for r in done]),
                      _stats([float(np.mean(r["own_gate_f1"])) for r in done if "own_gate_f1" in r])])
+    return rows
+
+
+def _block_rows(runs: list[dict], setting) -> list[list]:
+    rows = []
+    for arm in ("dense", *BLOCK_ARMS):
+        done = [r for r in finished(runs, arm) if "block_concentration" in r]
+        rows.append([arm, len(done), *(_stats([r["block_concentration"][i] for r in done])
+                                       for i in range(setting.n_layer))])
     return rows
 
 
@@ -97,7 +105,10 @@ def report(results: dict, setting) -> str:
         "the co-adapted source degrades more than the dense one on deployment (mean ± std disjoint) with a "
         f"distilled gate at least {F1_RATIO} times as accurate; claim 4 when mask-random deployed dense is worse "
         f"than dense (disjoint); claim 5 when the mean concentration is at least {CONCENTRATION_MIN}; claim 6 "
-        "when the random APN router is within the margin of the learned one.",
+        "when the random APN router is within the margin of the learned one. Block level: B1 is claim 1's rule "
+        "on the block soft arms; B2 holds when block-moba is no worse than dense beyond the margin; B3 is "
+        "claim 3's rule on the block gates distilled onto dense and block-hard; B4 is claim 5's threshold on "
+        "block concentration.",
         "",
         markdown_table(["claim", "paper", "verdict", "why"], [_claim_row(c) for c in results["claims"]]),
         "",
@@ -112,15 +123,18 @@ def report(results: dict, setting) -> str:
         markdown_table(["arm", "runs", "val loss", "ppl", "ppl via gate", "ppl dense", "ppl oracle", "train tokens/s"],
                        _arm_rows(runs)),
         "",
-        "## Gate distillation onto frozen models (claim 3)",
+        "## Gate distillation onto frozen models (claims 3 and B3)",
         "",
         f"A fresh gate trained for {setting.distill_steps} steps (batch {setting.distill_batch}, lr "
         f"{setting.distill_lr:g}) by KL(dense attention row || softmax(gate scores)), everything else frozen; "
         "deployed with hard top-k. F1: overlap of the gate's top k with the oracle's, mean over layers, on the "
         "deployed forward. Own: the source as trained (dense, or hard through its co-adapted gate). Oracle: the "
-        "source's weights with each query's own top-k dense keys.",
+        "source's weights with each query's own top-k dense keys. Block gates (B3): the target is each query "
+        "block's dense mass over its past key blocks (SeerAttention's), deployed with the top "
+        f"{setting.top_k_blocks} past blocks plus the own block; the oracle picks those blocks by that mass "
+        "(it reads the whole query block, so it is an upper bound, not a causal decoder).",
         "",
-        markdown_table(["source", "runs", "distilled F1", "own ppl", "deployed ppl", "oracle ppl",
+        markdown_table(["gate", "source", "runs", "distilled F1", "own ppl", "deployed ppl", "oracle ppl",
                         "degradation (nats)", "own gate's F1"], _distill_rows(distilled)),
         "",
         "## Attention concentration (claim 5)",
@@ -129,6 +143,17 @@ def report(results: dict, setting) -> str:
         f"{setting.k} keys), dense model, per layer: "
         + ", ".join(f"layer {i}: {s['mean']:.3f}" for i, s in enumerate(conc["per_layer"]))
         + f". A uniform row would keep {conc['uniform_reference']:.3f}.",
+        "",
+        "## Block routing (claims B1-B4)",
+        "",
+        f"Query and key blocks of {setting.block_size} tokens; a query block reads its own block and the top "
+        f"{setting.top_k_blocks} past key block(s) (hard), so a query reads at most "
+        f"{(setting.top_k_blocks + 1) * setting.block_size} keys, the token arms' k. A query block is scored by "
+        "the mean gate feature of the block before it, a key block by its own mean (causal: "
+        "`routemem/ops/gated_sparse/block_select.py`). Block concentration, per layer (share of each query "
+        "block's dense mass in its top 1/8 of causal key blocks):",
+        "",
+        markdown_table(["arm", "runs", *(f"layer {i}" for i in range(setting.n_layer))], _block_rows(runs, setting)),
         "",
         "## APN: learned vs random router (claim 6)",
         "",
@@ -139,8 +164,10 @@ def report(results: dict, setting) -> str:
         markdown_table(["prototypes", "runs", "A ppl pretrained", "B ppl pretrained", "A ppl adapted", "B ppl adapted"],
                        _apn_rows(apn_runs)),
         "",
-        "Plots: `ppl_per_arm.png`, `f1_vs_deployed_ppl.png`, `concentration.png` (per layer, every arm), "
-        "`gate_grad_norm.png` (the gate's gradient norm at every step; the hard arm's is 0, drawn on a symlog axis).",
+        "Plots: `ppl_per_arm.png`, `f1_vs_deployed_ppl.png`, `concentration.png` and `block_concentration.png` "
+        "(per layer, every arm), `gate_grad_norm.png` (the gate's gradient norm at every step; the hard arms' "
+        "are 0, drawn on a symlog axis), `block_map.png` (the key blocks each query block reads, layer 0, head 0, "
+        "one validation sequence, first seed, per block arm).",
     ]
     if diverged:
         lines += ["", "Diverged runs: " + ", ".join(f"{r['arm']} seed {r['seed']}" for r in diverged)]
@@ -168,25 +195,27 @@ def plots(study_dir: Path, setting, runs: list[dict], distilled: list[dict]) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = plt.subplots(figsize=(8.0, 3.6))
     for i, arm in enumerate(ARMS):
         values = [math.exp(r["metrics"]["val_loss"]) for r in finished(runs, arm)]
         if values:
             ax.bar(i, np.mean(values), color=COLORS[arm], alpha=0.6)
             ax.scatter([i] * len(values), values, color="k", s=10, zorder=3)
-    ax.set_xticks(range(len(ARMS)), ARMS, fontsize=8)
+    ax.set_xticks(range(len(ARMS)), ARMS, fontsize=7, rotation=30, ha="right")
     ax.set(ylabel="val perplexity per byte", title="perplexity per arm (dots: seeds)")
     fig.tight_layout()
     fig.savefig(study_dir / "ppl_per_arm.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
-    for source, color in (("dense", "tab:gray"), ("hard", "tab:red")):
-        done = [r for r in distilled if r["source"] == source]
+    for granularity, source in DISTILL_SOURCES:
+        done = [r for r in distilled if r["source"] == source and r.get("granularity", "token") == granularity]
+        color = COLORS[source] if granularity == "token" or source != "dense" else "k"
+        name = f"{granularity} gate onto {source}"
         ax.scatter([np.mean(r["f1"]) for r in done], [math.exp(r["deployed_loss"]) for r in done], color=color,
-                   label=f"distilled onto {source}")
+                   label=name)
         ax.scatter([np.mean(r["f1"]) for r in done], [math.exp(r["own_loss"]) for r in done], color=color,
-                   marker="x", label=f"{source} model as trained")
+                   marker="x", label=f"{source} model as trained ({granularity} gate)")
     ax.set(xlabel="F1 of the distilled gate vs the oracle top-k", ylabel="val perplexity per byte", yscale="log",
            title="distilled gates: accuracy vs deployed perplexity")
     plain_log_ticks(ax.yaxis)
@@ -195,22 +224,38 @@ def plots(study_dir: Path, setting, runs: list[dict], distilled: list[dict]) -> 
     fig.savefig(study_dir / "f1_vs_deployed_ppl.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    for arm in ARMS:
-        done = finished(runs, arm)
-        if done:
-            conc = np.array([r["concentration"] for r in done])
-            ax.errorbar(range(conc.shape[1]), conc.mean(0), yerr=conc.std(0), color=COLORS[arm], marker="o", label=arm)
-    ax.axhline(CONCENTRATION_MIN, color="k", lw=0.8, ls=":")
-    ax.set(xlabel="layer", ylabel=f"attention mass in the top {setting.k} keys", ylim=(0, 1.02),
-           title="attention concentration (as each arm is used)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(study_dir / "concentration.png", dpi=120)
-    plt.close(fig)
+    for key, name, ylabel in (("concentration", "concentration.png", f"attention mass in the top {setting.k} keys"),
+                              ("block_concentration", "block_concentration.png",
+                               f"mass in the top 1/8 of key blocks ({setting.block_size} tokens)")):
+        fig, ax = plt.subplots(figsize=(5.2, 3.6))
+        for arm in ARMS:
+            done = [r for r in finished(runs, arm) if key in r]
+            if done:
+                conc = np.array([r[key] for r in done])
+                ax.errorbar(range(conc.shape[1]), conc.mean(0), yerr=conc.std(0), color=COLORS[arm], marker="o",
+                            label=arm)
+        ax.axhline(CONCENTRATION_MIN, color="k", lw=0.8, ls=":")
+        ax.set(xlabel="layer", ylabel=ylabel, ylim=(0, 1.02), title="attention concentration (as each arm is used)")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(study_dir / name, dpi=120)
+        plt.close(fig)
+
+    maps = {arm: next((r["block_map"] for r in finished(runs, arm) if r["seed"] == setting.seeds[0]
+                       and "block_map" in r), None) for arm in BLOCK_ARMS}
+    maps = {arm: m for arm, m in maps.items() if m is not None}
+    if maps:
+        fig, axes = plt.subplots(1, len(maps), figsize=(2.6 * len(maps), 2.9), squeeze=False)
+        for ax, (arm, chosen) in zip(axes[0], maps.items()):
+            ax.imshow(np.array(chosen), cmap="Greys", vmin=0, vmax=1)
+            ax.set(title=arm, xlabel="key block", ylabel="query block")
+        fig.suptitle("key blocks read (layer 0, head 0, one sequence)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(study_dir / "block_map.png", dpi=120)
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for arm in ("soft-learned", "hard"):
+    for arm in LEARNED_GATES:
         for r in finished(runs, arm):
             norms = r["gate_grad"]["norm"]
             ax.plot(range(1, len(norms) + 1), norms, color=COLORS[arm], alpha=0.7, lw=0.8,
