@@ -68,6 +68,24 @@ def test_flex_forward_equals_reference_on_cpu(T, block_size, top_k_blocks, gatin
 
 @pytest.mark.parametrize("gating", ["hard", "soft"])
 @pytest.mark.parametrize("device", [on_cuda("cuda", id="cuda")])
+def test_flex_bf16_at_the_fields_block_size_on_cuda(gating, device):
+    """bf16, head dim 64, blocks of 64 (the bench's shape, smaller): flex's Triton forward and
+    backward against the float32 reference, bf16 tolerance."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1000, 2, 64, generator=g).to(device) for _ in range(3))
+    results = {}
+    for mode, dtype in (("reference", torch.float32), ("flex", torch.bfloat16)):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        scores = block_scores(leaves[0], leaves[1], 64, 0.125)
+        extra = {"top_k_blocks": 3} if gating == "hard" else {}
+        out = block_routed_attention(*leaves, scores, block_size=64, gating=gating, mode=mode, **extra)
+        out.float().pow(2).sum().backward()
+        results[mode] = {"out": out.float().detach(), **{f"grad {n}": t.grad.float() for n, t in zip("qkv", leaves)}}
+    assert_close_scaled(results["flex"], results["reference"], 5e-2)
+
+
+@pytest.mark.parametrize("gating", ["hard", "soft"])
+@pytest.mark.parametrize("device", [on_cuda("cuda", id="cuda")])
 def test_flex_equals_reference_on_cuda(gating, device):
     """flex's forward and backward (Triton) against the reference, float32 with TF32 off; block 16
     (flex's tile minimum), ragged T."""

@@ -5,7 +5,9 @@ blocks are never read. Soft routing adds the block bias through a ``score_mod``.
 
 flex_attention runs compiled (Inductor: Triton on CUDA, a C++ template on the CPU). torch 2.13 has
 no CPU backward for it, so on the CPU this form serves inference; training there uses the gather
-form (block_forms.py).
+form (block_forms.py). Not yet run on a GPU: Inductor's backward picks its tiles from a per-GPU table
+without the forward's ``kernel_options`` check, and a routing block smaller than that tile (e.g. 64
+against Hopper's bf16 128) may find no kernel; the cuda-marked tests (bf16, block 64) will say.
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ NO_CPU_BACKWARD = ("mode='flex' has no backward on the CPU (torch's flex_attenti
 @functools.cache
 def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
+
+
+def _tiles(block_size: int) -> dict:
+    """Triton tiles that divide the routing block (Inductor refuses a sparse block that its tile
+    does not divide; its default forward tile on recent GPUs is 128 queries)."""
+    tile = 64
+    while block_size % tile:
+        tile //= 2
+    return {"BLOCK_M": tile, "BLOCK_N": tile}
 
 
 def _causal(b, h, q_idx, kv_idx):
@@ -65,5 +76,6 @@ def flex_block_attention(q, k, v, block_size, scale, *, blocks=None, valid=None,
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + block_bias[b, h, q_idx // block_size, kv_idx // block_size]
     block_mask = _block_mask(full.expand(B, H, n, n), count.expand(B, H, n), n, block_size)
-    out = _compiled_flex()(qh, kh, vh, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    out = _compiled_flex()(qh, kh, vh, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                           kernel_options=_tiles(block_size) if q.is_cuda else None)
     return out[:, :, :T].transpose(1, 2)
