@@ -43,8 +43,8 @@ def test_registered():
                 "meta_mamba2": MetaMamba2Mixer, "gated_deltanet": GatedDeltaNetMixer}
     for name, cls in expected.items():
         assert MIXERS[name] is cls
-        # the fastest form by default: "auto" (the fused kernel where it applies) if the op has it
-        assert make(name).mode == ("chunk" if name == "gated_deltanet" else "auto")
+        # the fastest form by default: "auto" (the fused kernel, Triton or fla where they apply)
+        assert make(name).mode == "auto"
 
 
 # --- shared parts ----------------------------------------------------------------------------
