@@ -70,7 +70,7 @@ def _variants():
     chunk_gla, chunk_gated_delta_rule = fla
     return variants + [  # fla's [B, T, H, D] layout; its gates are log decays, per key channel for GLA
         ("fla_gla", "chunk", lambda q, k, v, beta, log_alpha, gate: chunk_gla(
-            q, k, v, log_alpha[..., None].expand_as(k))[0], None),
+            q, k, v, log_alpha[..., None].expand_as(k).contiguous())[0], None),
         ("fla_gated_delta", "chunk", lambda q, k, v, beta, log_alpha, gate: chunk_gated_delta_rule(
             q, k, v, log_alpha, gate)[0], None),
     ]
