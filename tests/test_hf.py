@@ -70,6 +70,7 @@ def test_config_carries_every_lmconfig_field_under_its_name_and_transformers_nam
     config = RoutememConfig.from_lm_config(lm)
     assert config.to_lm_config() == lm
     assert {f.name for f in dataclasses.fields(LMConfig)} <= set(config.to_dict())
+    assert RoutememConfig().to_lm_config() == LMConfig()  # the mirrored field list keeps LMConfig's defaults
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
             config.max_position_embeddings, config.tie_word_embeddings) == (48, 3, 3, 20, False)
     config.save_pretrained(tmp_path)
