@@ -251,7 +251,7 @@ def test_cli_reproduce_absorption_quick_and_resume(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(absorption, "train_lm", lambda *args: pytest.fail("a cached unit was trained again"))
     monkeypatch.setattr(absorption.adaptation, "train_kind", lambda *args: pytest.fail("a cached unit was trained again"))
     again = absorption.run(out=tmp_path, quick=True)
-    assert again["runs_reused"] == 9  # dense+hard+block-hard+distill, six arms, two routers
+    assert again["runs_reused"] == 10  # dense+hard+block-hard+distill, seven arms, two routers
 
 
 # --- block granularity -----------------------------------------------------------------------
@@ -260,6 +260,7 @@ def test_cli_reproduce_absorption_quick_and_resume(tmp_path, monkeypatch, capsys
 def test_block_arms_read_at_most_the_token_arms_k_keys_per_query():
     for setting in (absorption.FULL, absorption.QUICK, TINY):
         assert (setting.top_k_blocks + 1) * setting.block_size == setting.k
+    assert absorption.model_config(TINY, "block-own").mixer_kwargs["top_k_blocks"] == 0  # the window control
     kwargs = absorption.model_config(TINY, "block-moba").mixer_kwargs
     assert (kwargs["granularity"], kwargs["gate"], kwargs["mode"]) == ("block", "moba", "hard")
     assert absorption.model_config(TINY, "block-soft-random").mixer_kwargs["gate"] == "random"

@@ -18,6 +18,9 @@ arms' sparsity: a query reads at most (top_k_blocks + 1) * block_size = k keys:
     block-soft-learned logits += log sigmoid(s / tau) per key block, s the learned gate on block means
     block-soft-random  the same gate frozen at its random init
     block-hard         the learned block gate, hard top-k blocks (zero gradient to the gate)
+    block-own          a control, added after the first full run showed every block arm beating
+                       dense: the own block only (top_k_blocks 0), a block-local window with no
+                       routing. No claim reads it; the report shows it beside the others.
 
 Claim 1 compares dense and the soft arms; claim 2 reads the gate's gradient norm, logged at every
 step of the soft-learned and hard arms; claim 3 distils a fresh gate onto the frozen dense and hard
@@ -29,8 +32,8 @@ link to Mixture-of-Experts on our own router: APN with learned vs frozen random 
 pretrained and adapted with the APN study's pipeline (experiments/shared/adaptation.py). The rules are in
 experiments/absorption/claims.py, fixed before the full run.
 
-Units of work (``--jobs`` / ``--shard``): one per (arm, seed) for the soft, mask-random, block-moba
-and block-soft arms; one per seed for dense + hard + block-hard and the four distillations (they
+Units of work (``--jobs`` / ``--shard``): one per (arm, seed) for the soft, mask-random, block-moba,
+block-soft and block-own arms; one per seed for dense + hard + block-hard and the four distillations (they
 need those models' weights, kept in memory); one per (router, seed) for APN.
 """
 
@@ -121,7 +124,10 @@ def model_config(setting: Setting, arm: str) -> LMConfig:
         blocks = {"granularity": "block", "block_size": setting.block_size, "top_k_blocks": setting.top_k_blocks,
                   "rank": setting.rank, "tau": setting.tau}
         gate, mode = {"block-moba": ("moba", "hard"), "block-soft-learned": ("learned", "soft"),
-                      "block-soft-random": ("random", "soft"), "block-hard": ("learned", "hard")}[arm]
+                      "block-soft-random": ("random", "soft"), "block-hard": ("learned", "hard"),
+                      "block-own": ("moba", "hard")}[arm]
+        if arm == "block-own":
+            blocks["top_k_blocks"] = 0
         return replace(base, mixer="gated_sparse", mixer_kwargs={**blocks, "gate": gate, "mode": mode})
     gated = {"k": setting.k, "rank": setting.rank, "tau": setting.tau, "hard_form": "mask"}
     kwargs = {"soft-learned": {"gate": "learned", "mode": "soft"},
@@ -270,7 +276,8 @@ def units(setting: Setting, corpus: str, pair: str, data_dir: str | None, device
     for seed in setting.seeds:
         todo.append(Unit(f"dense-hard-distill-seed{seed}", coadaptation_unit, (setting, seed, corpus, data_dir, device.type),
                          run_key(data, ("seeds",), arms=["dense", "hard", "block-hard"], seed=seed), compiles=True))
-        for arm in ("soft-learned", "soft-random", "mask-random", "block-moba", "block-soft-learned", "block-soft-random"):
+        for arm in ("soft-learned", "soft-random", "mask-random", "block-moba", "block-soft-learned", "block-soft-random",
+                    "block-own"):
             todo.append(Unit(f"{arm}-seed{seed}", lm_unit, (setting, arm, seed, corpus, data_dir, device.type),
                              run_key(data, ("seeds",), arm=arm, seed=seed), compiles=True))
         for router in ROUTERS:
