@@ -10,6 +10,7 @@ import itertools
 
 import pytest
 import torch
+from test_layers_gated_sparse import decode  # token-by-token through step()
 
 from routemem.errors import ConfigError
 from routemem.layers import LayerSpec, build_mixer
@@ -31,14 +32,6 @@ def layer(pos="learned", seed=0, **options):
 
 def inputs(B=2, length=T, seed=1):
     return torch.randn(B, length, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def decode(mixer, x):
-    state, out = None, []
-    for t in range(x.shape[1]):
-        y, state = mixer.step(x[:, t], state)
-        out.append(y)
-    return torch.stack(out, dim=1)
 
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])

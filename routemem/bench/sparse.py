@@ -253,20 +253,21 @@ def _crossover(rows: list[dict]) -> dict:
     return out
 
 
+def _over_dense(rows: list[dict], variant: tuple[str, str], T: int, direction: str, threshold: float,
+                name: str, what: str) -> dict:
+    """The target ``variant``'s time / dense causal SDPA's, at T in ``direction``, at most ``threshold``."""
+    return target(rows, name, what, {"op": variant[0], "mode": variant[1], "T": T, "direction": direction},
+                  {"op": DENSE[0], "mode": DENSE[1], "T": T, "direction": direction}, threshold, "<=")
+
+
 def _targets(rows: list[dict]) -> list[dict]:
-    block = [target(rows, f"block_topk_over_dense_sdpa_T{T}_fwd_bwd",
-                    f"block top-k attention (block {BLOCK_SIZE}, gate scores and block selection included, "
-                    f"selected blocks <= 1/{KEEP_FRACTION} of the causal keys) at most {BLOCK_RATIO_TARGET}x dense "
-                    f"causal SDPA (T={T}, fwd+bwd)",
-                    {"op": BLOCK[0], "mode": BLOCK[1], "T": T, "direction": FWD_BWD},
-                    {"op": DENSE[0], "mode": DENSE[1], "T": T, "direction": FWD_BWD},
-                    BLOCK_RATIO_TARGET, "<=")
-             for T in BLOCK_TARGET_LENGTHS]
-    token = [target(rows, f"hard_topk_over_dense_sdpa_T{T}_fwd",
-                    f"hard top-k gated attention (fast form, gate scoring and top-k included, k=T/{KEEP_FRACTION}) "
-                    f"faster than dense causal SDPA (T={T}, fwd)",
-                    {"op": HARD[0], "mode": HARD[1], "T": T, "direction": FWD},
-                    {"op": DENSE[0], "mode": DENSE[1], "T": T, "direction": FWD},
-                    RATIO_TARGET, "<=")
+    token = [_over_dense(rows, HARD, T, FWD, RATIO_TARGET, f"hard_topk_over_dense_sdpa_T{T}_fwd",
+                         f"hard top-k gated attention (fast form, gate scoring and top-k included, "
+                         f"k=T/{KEEP_FRACTION}) faster than dense causal SDPA (T={T}, fwd)")
              for T in TARGET_LENGTHS]
+    block = [_over_dense(rows, BLOCK, T, FWD_BWD, BLOCK_RATIO_TARGET, f"block_topk_over_dense_sdpa_T{T}_fwd_bwd",
+                         f"block top-k attention (block {BLOCK_SIZE}, gate scores and block selection included, "
+                         f"selected blocks <= 1/{KEEP_FRACTION} of the causal keys) at most {BLOCK_RATIO_TARGET}x "
+                         f"dense causal SDPA (T={T}, fwd+bwd)")
+             for T in BLOCK_TARGET_LENGTHS]
     return token + block
