@@ -14,7 +14,8 @@ The gate is a low-rank bilinear scorer per head, s_ij = (A x_i) . (B x_j) / sqrt
 ``mode="reference"`` is one full masked softmax over T x T for every gating; ``mode="fast"`` is
 SDPA for dense, soft and mask, and for hard a gather of the k kept K and V rows per query (the
 attention part is O(T k) memory; the gate's own scoring and the top-k sort stay O(T^2)).
-Layout [B, T, H, D] like the other ops.
+Layout [B, T, H, D] like the other ops. Block routing (query blocks choosing key blocks, the form
+that is faster than dense attention) is ``block_routed_attention`` with ``block_scores`` (block.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from routemem.ops.checks import check_mode, check_qkv, checking_values, expect_same_dtype, expect_shape
+from routemem.ops.gated_sparse.block import block_routed_attention
+from routemem.ops.gated_sparse.block_select import block_scores
 from routemem.ops.gated_sparse.fast import gathered_attention, sdpa_attention
 from routemem.ops.gated_sparse.reference import masked_softmax_attention
 from routemem.ops.gated_sparse.scores import attention_probs, causal_mask, gate_scores
@@ -38,8 +41,8 @@ from routemem.ops.gated_sparse.selection import (
 MODES = ("reference", "fast")
 GATINGS = ("dense", "soft", "hard", "mask")
 
-__all__ = ["GATINGS", "MODES", "attention_probs", "causal_mask", "gate_scores", "gated_attention",
-           "oracle_mask", "random_causal_mask", "topk_key_indices", "topk_mask"]
+__all__ = ["GATINGS", "MODES", "attention_probs", "block_routed_attention", "block_scores", "causal_mask",
+           "gate_scores", "gated_attention", "oracle_mask", "random_causal_mask", "topk_key_indices", "topk_mask"]
 
 
 def gated_attention(q, k, v, *, gating="dense", gate_scores=None, top_k=None, tau=1.0, mask=None,
