@@ -48,8 +48,9 @@ def _block_mask(full: torch.Tensor, full_count: torch.Tensor, n: int, block_size
     B, H = full.shape[:2]
     own = torch.arange(n, dtype=torch.int32, device=full.device).view(1, 1, n, 1).expand(B, H, n, n)
     ones = torch.ones(B, H, n, dtype=torch.int32, device=full.device)
-    return BlockMask.from_kv_blocks(ones, own.contiguous(), full_count.contiguous(), full.contiguous(), BLOCK_SIZE=block_size,
-                                    mask_mod=_causal, seq_lengths=(n * block_size, n * block_size))
+    return BlockMask.from_kv_blocks(ones, own.contiguous(), full_count.contiguous(), full.contiguous(),
+                                    BLOCK_SIZE=block_size, mask_mod=_causal,
+                                    seq_lengths=(n * block_size, n * block_size))
 
 
 def flex_block_attention(q, k, v, block_size, scale, *, blocks=None, valid=None, bias=None):
