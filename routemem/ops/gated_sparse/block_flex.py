@@ -1,27 +1,34 @@
 """Block-routed attention on ``torch.nn.attention.flex_attention``: the selection becomes a
-``BlockMask`` directly (O(n^2) integers, no T x T mask is ever built), with the own block as the one
-partial tile (causal ``mask_mod``) and the chosen past blocks as full tiles, so unselected key
-blocks are never read. Soft routing adds the block bias through a ``score_mod``.
+``BlockMask`` directly (O(n^2) integers, no T x T mask is ever built), so tiles that hold no chosen
+block are never read. Soft routing adds the block bias through a ``score_mod``.
+
+The BlockMask's tile is the routing block on the CPU. On CUDA it is the least multiple of the block
+that is also a multiple of 128: Inductor's Triton kernels (forward and backward) take their tile
+sizes from a per-GPU table (up to 128 on Hopper in bf16) and find no kernel for a sparse tile those
+do not divide, and the backward accepts no override. A tile then spans several routing blocks: it
+is read when any pair of blocks inside it is chosen, and a ``mask_mod`` keeps exactly the chosen
+pairs (and causality), so the result is the same and only the skipping is coarser. A tile whose
+every pair is chosen, below the diagonal, is a full tile that skips the mask.
 
 flex_attention runs compiled (Inductor: Triton on CUDA, a C++ template on the CPU). torch 2.13 has
 no CPU backward for it, so on the CPU this form serves inference; training there uses the gather
-form (block_forms.py). Not yet run on a GPU: Inductor's backward picks its tiles from a per-GPU table
-without the forward's ``kernel_options`` check, and a routing block smaller than that tile (e.g. 64
-against Hopper's bf16 128) may find no kernel; the cuda-marked tests (bf16, block 64) will say.
+form (block_forms.py). The CPU tests run coarse tiles too; CUDA has not run it yet.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from routemem.ops.gated_sparse.block_select import n_blocks, past_block_mask
+from routemem.ops.gated_sparse.block_select import n_blocks, past_block_mask, selected_block_mask
 
 NO_CPU_BACKWARD = ("mode='flex' has no backward on the CPU (torch's flex_attention has none there); "
                    "use mode='gather' (what mode='auto' picks on a CPU), or call it without gradients")
+GPU_TILE = 128  # the largest Triton tile Inductor's flex tables use
 
 
 @functools.cache
@@ -29,28 +36,16 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _tiles(block_size: int) -> dict:
-    """Triton tiles that divide the routing block (Inductor refuses a sparse block that its tile
-    does not divide; its default forward tile on recent GPUs is 128 queries)."""
-    tile = 64
-    while block_size % tile:
-        tile //= 2
-    return {"BLOCK_M": tile, "BLOCK_N": tile}
+def tile_size(block_size: int, device: torch.device) -> int:
+    """The BlockMask's tile: the block on the CPU; on CUDA the least common multiple of the block and
+    GPU_TILE (the tests set it on the CPU too)."""
+    return math.lcm(block_size, GPU_TILE) if device.type == "cuda" else block_size
 
 
-def _causal(b, h, q_idx, kv_idx):
-    return q_idx >= kv_idx
-
-
-def _block_mask(full: torch.Tensor, full_count: torch.Tensor, n: int, block_size: int) -> BlockMask:
-    """full [B, H, n, n] int32 key-block indices (the first full_count [B, H, n] used) -> BlockMask
-    whose only partial tile per query block is its own (causal)."""
-    B, H = full.shape[:2]
-    own = torch.arange(n, dtype=torch.int32, device=full.device).view(1, 1, n, 1).expand(B, H, n, n)
-    ones = torch.ones(B, H, n, dtype=torch.int32, device=full.device)
-    return BlockMask.from_kv_blocks(ones, own.contiguous(), full_count.contiguous(), full.contiguous(),
-                                    BLOCK_SIZE=block_size, mask_mod=_causal,
-                                    seq_lengths=(n * block_size, n * block_size))
+def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [B, H, m, m] -> (count [B, H, m], indices [B, H, m, m]) int32, the True columns first."""
+    order = torch.sort(tiles.to(torch.int8), dim=-1, descending=True, stable=True).indices
+    return tiles.sum(-1, dtype=torch.int32), order.to(torch.int32).contiguous()
 
 
 def flex_block_attention(q, k, v, block_size, scale, *, blocks=None, valid=None, bias=None):
@@ -61,22 +56,29 @@ def flex_block_attention(q, k, v, block_size, scale, *, blocks=None, valid=None,
         raise ValueError(NO_CPU_BACKWARD)
     B, T, H, _ = q.shape
     n = n_blocks(T, block_size)
-    pad = n * block_size - T
-    qh, kh, vh = (F.pad(t.transpose(1, 2), (0, 0, 0, pad)) for t in (q, k, v))
-    score_mod = None
+    tile = tile_size(block_size, q.device)
+    per_tile = tile // block_size
+    m = -(-T // tile)  # tiles; blocks n .. m * per_tile - 1 are padding, chosen by nobody
+    qh, kh, vh = (F.pad(t.transpose(1, 2), (0, 0, 0, m * tile - T)) for t in (q, k, v))
     if bias is None:
-        full = torch.zeros(B, H, n, n, dtype=torch.int32, device=q.device)
-        full[..., :blocks.shape[-1]] = blocks.to(torch.int32)
-        count = valid.sum(-1, dtype=torch.int32)  # valid slots come first
-    else:  # every past block, in order
-        past = past_block_mask(n, q.device)
-        full = torch.sort(past.to(torch.int32), dim=-1, descending=True, stable=True).indices.to(torch.int32)
-        count = past.sum(-1, dtype=torch.int32)
-        block_bias = bias.masked_fill(~past, 0.0)
+        chosen = selected_block_mask(blocks, valid, n)
+    else:  # soft: every causal block, the bias on past blocks
+        chosen = torch.ones(n, n, dtype=torch.bool, device=q.device).tril().expand(B, H, n, n)
+        block_bias = F.pad(bias.masked_fill(~past_block_mask(n, q.device), 0.0), (0, m * per_tile - n) * 2)
+    chosen = F.pad(chosen, (0, m * per_tile - n) * 2)  # [B, H, m * per_tile, m * per_tile]
+    pairs = chosen.view(B, H, m, per_tile, m, per_tile)
+    below_diagonal = torch.ones(m, m, dtype=torch.bool, device=q.device).tril(-1)
+    full = pairs.all(5).all(3) & below_diagonal  # no pair and no causal cut to mask
+    partial = pairs.any(5).any(3) & ~full
 
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return score + block_bias[b, h, q_idx // block_size, kv_idx // block_size]
-    block_mask = _block_mask(full.expand(B, H, n, n), count.expand(B, H, n), n, block_size)
-    out = _compiled_flex()(qh, kh, vh, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                           kernel_options=_tiles(block_size) if q.is_cuda else None)
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & chosen[b, h, q_idx // block_size, kv_idx // block_size]
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + block_bias[b, h, q_idx // block_size, kv_idx // block_size]
+
+    block_mask = BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=tile, mask_mod=mask_mod,
+                                          seq_lengths=(m * tile, m * tile))
+    out = _compiled_flex()(qh, kh, vh, score_mod=None if bias is None else score_mod, block_mask=block_mask,
+                           scale=scale)
     return out[:, :, :T].transpose(1, 2)
