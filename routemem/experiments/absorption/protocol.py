@@ -123,12 +123,12 @@ def model_config(setting: Setting, arm: str) -> LMConfig:
     if arm in BLOCK_ARMS:
         blocks = {"granularity": "block", "block_size": setting.block_size, "top_k_blocks": setting.top_k_blocks,
                   "rank": setting.rank, "tau": setting.tau}
-        gate, mode = {"block-moba": ("moba", "hard"), "block-soft-learned": ("learned", "soft"),
-                      "block-soft-random": ("random", "soft"), "block-hard": ("learned", "hard"),
-                      "block-own": ("moba", "hard")}[arm]
-        if arm == "block-own":
-            blocks["top_k_blocks"] = 0
-        return replace(base, mixer="gated_sparse", mixer_kwargs={**blocks, "gate": gate, "mode": mode})
+        kwargs = {"block-moba": {"gate": "moba", "mode": "hard"},
+                  "block-soft-learned": {"gate": "learned", "mode": "soft"},
+                  "block-soft-random": {"gate": "random", "mode": "soft"},
+                  "block-hard": {"gate": "learned", "mode": "hard"},
+                  "block-own": {"gate": "moba", "mode": "hard", "top_k_blocks": 0}}[arm]
+        return replace(base, mixer="gated_sparse", mixer_kwargs={**blocks, **kwargs})
     gated = {"k": setting.k, "rank": setting.rank, "tau": setting.tau, "hard_form": "mask"}
     kwargs = {"soft-learned": {"gate": "learned", "mode": "soft"},
               "soft-random": {"gate": "random", "mode": "soft"},
